@@ -1,0 +1,230 @@
+"""prepare_data.py: offline GPT-2 tokenizer, document boundaries, determinism, input formats, errors."""
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import prepare_data  # noqa: E402
+
+DOCS = [  # index = source id; id 2 is empty and must be dropped
+    {"text": "Hello world", "title": "a"},
+    {"text": "First line.\nSecond line, with  two spaces.\n", "title": "b"},
+    {"text": "   \n", "title": "c"},
+    {"text": "A literal <|endoftext|> inside a document is plain text.", "title": "d"},
+    {"text": "Unicode: café, naïve, 東京 — and emoji 🙂.", "title": "e"},
+    {"text": " leading space and trailing newline\n\n", "title": "f"},
+    {"text": "x", "title": "g"},
+    {"text": "The quick brown fox jumps over the lazy dog. " * 20, "title": "h"},
+]
+
+
+@pytest.fixture(autouse=True)
+def hf_offline(tmp_path, monkeypatch):
+    # datasets must never try the network nor write into the real ~/.cache
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def load_split(out_dir, split):
+    meta = json.loads((out_dir / "meta.json").read_text())
+    tokens = np.fromfile(out_dir / f"{split}.bin", dtype=meta["dtype"])
+    docs = np.load(out_dir / f"{split}_docs.npz")
+    return meta, tokens, docs["offsets"], docs["ids"]
+
+
+def decoded_docs(out_dir):
+    """{source id: decoded text} over both splits, checking the layout on the way."""
+    enc = prepare_data.gpt2_encoding()
+    found = {}
+    for split in ("train", "val"):
+        meta, tokens, offsets, ids = load_split(out_dir, split)
+        assert offsets.dtype == np.int64 and ids.dtype == np.int64
+        assert len(offsets) == len(ids) + 1 and offsets[0] == 0 and offsets[-1] == len(tokens)
+        assert np.all(np.diff(offsets) >= 1) and np.all(np.diff(ids) > 0)  # sorted ids: source order
+        assert meta[split] == {"docs": len(ids), "tokens": len(tokens)}
+        for i, doc_id in enumerate(ids):
+            doc = tokens[offsets[i]:offsets[i + 1]]
+            assert doc[0] == meta["bos"] == 50256
+            assert 50256 not in doc[1:]  # the literal "<|endoftext|>" text is not the special token
+            assert int(doc_id) not in found  # train and val are disjoint
+            found[int(doc_id)] = enc.decode(doc[1:].tolist())
+    return found
+
+
+# ---- tokenizer
+
+
+def test_vendored_gpt2_file_checksum():
+    raw = gzip.decompress(prepare_data.GPT2_RANKS.read_bytes())
+    assert hashlib.sha256(raw).hexdigest() == prepare_data.GPT2_SHA256
+    assert len(raw.splitlines()) == 50256
+
+
+def test_offline_fallback_gives_gpt2_ids(monkeypatch):
+    import tiktoken
+
+    def no_network(name):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    enc = prepare_data.gpt2_encoding.__wrapped__()  # bypass the cache: always build from assets/
+    assert enc.name == "gpt2" and enc.n_vocab == 50257 and enc.eot_token == 50256
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
+    assert enc.encode_ordinary("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]
+    assert enc.encode_ordinary(" the") == [262] and enc.encode_ordinary("\n\n") == [628]
+    text = "Some text: 'tis 1,234 naïve 東京\n\n  spaces"
+    assert enc.decode(enc.encode_ordinary(text)) == text
+    cached = prepare_data.gpt2_encoding()  # whichever path the cache holds gives the same ids
+    assert cached.encode_ordinary(text) == enc.encode_ordinary(text)
+
+
+def test_checksum_mismatch_is_an_error(monkeypatch, tmp_path):
+    import tiktoken
+
+    bad = tmp_path / "gpt2.tiktoken.gz"
+    bad.write_bytes(gzip.compress(b"IQ== 0\n"))
+    monkeypatch.setattr(prepare_data, "GPT2_RANKS", bad)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: 1 / 0)
+    with pytest.raises(prepare_data.DataError, match="gpt2.tiktoken.gz: sha256 mismatch"):
+        prepare_data.gpt2_encoding.__wrapped__()
+
+
+def test_token_dtype():
+    assert prepare_data.token_dtype(50257) == np.uint16
+    assert prepare_data.token_dtype(65536) == np.uint16
+    assert prepare_data.token_dtype(65537) == np.uint32
+    assert prepare_data.token_dtype(128256) == np.uint32
+
+
+# ---- layout
+
+
+def test_document_boundaries(tmp_path):
+    src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    out = prepare_data.prepare(str(src), out_dir=tmp_path / "out", val_fraction=0.3)
+    found = decoded_docs(out)
+    assert found == {i: d["text"] for i, d in enumerate(DOCS) if d["text"].strip()}  # exact round trip
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["val"]["docs"] == 2 and meta["train"]["docs"] == 5  # round(0.3 * 7) = 2
+    assert meta["empty_docs_dropped"] == 1 and meta["source_docs"] == 8
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
+    assert meta["source"] == str(src) and meta["text_field"] == "text" and meta["seed"] == 1337
+    assert json.loads((out / "titles.json").read_text()) == [d["title"] for d in DOCS]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_deterministic_and_seeded(tmp_path):
+    src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    a = prepare_data.prepare(str(src), out_dir=tmp_path / "a", val_fraction=0.3)
+    b = prepare_data.prepare(str(src), out_dir=tmp_path / "b", val_fraction=0.3)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == ["meta.json", "titles.json", "train.bin", "train_docs.npz", "val.bin", "val_docs.npz"]
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    c = prepare_data.prepare(str(src), out_dir=tmp_path / "c", val_fraction=0.3, seed=1)
+    vals = [set(np.load(d / "val_docs.npz")["ids"].tolist()) for d in (a, c)]
+    assert vals[0] != vals[1]  # the seed picks val (7 choose 2 = 21 ways; 1337 and 1 differ)
+
+
+def test_default_out_dir_name():
+    assert prepare_data.default_name(None) == "shakespeare"
+    assert prepare_data.default_name("some/dir/corpus.jsonl.gz") == "corpus"
+    assert prepare_data.default_name("texts/*.txt") == "texts"
+    assert prepare_data.default_name("roneneldan/TinyStories") == "TinyStories"
+
+
+# ---- input formats
+
+
+def test_text_files_by_document_and_paragraph(tmp_path):
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("Para one,\nline two.\n\nPara two.\n")
+    (tmp_path / "txt" / "b.txt").write_text("Other file.\n")
+    out = prepare_data.prepare(str(tmp_path / "txt"), out_dir=tmp_path / "doc", val_fraction=0.5)
+    assert sorted(decoded_docs(out).values()) == ["Other file.\n", "Para one,\nline two.\n\nPara two.\n"]
+    out = prepare_data.prepare(str(tmp_path / "txt" / "*.txt"), out_dir=tmp_path / "par", val_fraction=0.3,
+                               sample_by="paragraph")
+    texts = sorted(t.strip() for t in decoded_docs(out).values())
+    assert texts == ["Other file.", "Para one,\nline two.", "Para two."]
+    assert not (out / "titles.json").exists()
+
+
+def test_jsonl_gz_custom_field_and_max_docs(tmp_path):
+    recs = [{"body": d["text"], "n": i} for i, d in enumerate(DOCS)]
+    src = tmp_path / "c.jsonl.gz"
+    src.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in recs).encode()))
+    out = prepare_data.prepare(str(src), out_dir=tmp_path / "o", text_field="body", max_docs=5)
+    assert decoded_docs(out) == {i: DOCS[i]["text"] for i in (0, 1, 3, 4)}
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["text_field"] == "body" and meta["source_docs"] == 5 and meta["val"]["docs"] == 1
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": [d["text"] for d in DOCS]}), tmp_path / "p.parquet")
+    out = prepare_data.prepare(str(tmp_path / "p.parquet"), out_dir=tmp_path / "o", text_field="content")
+    assert decoded_docs(out) == {i: d["text"] for i, d in enumerate(DOCS) if d["text"].strip()}
+
+
+def test_embedded_corpus(tmp_path):
+    out = prepare_data.prepare(out_dir=tmp_path / "shakespeare")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["source"] == "embedded:shakespeare"
+    assert meta["train"]["docs"] > 100 and meta["val"]["docs"] >= 5
+    assert 250_000 <= meta["train"]["tokens"] + meta["val"]["tokens"] <= 400_000
+    titles = json.loads((out / "titles.json").read_text())
+    assert len(titles) == meta["source_docs"] and "Hamlet 3.1" in titles
+    _, tokens, offsets, ids = load_split(out, "val")
+    assert (tokens[offsets[:-1]] == 50256).all()
+    assert prepare_data.DEFAULT_DATA_DIR == REPO / "data" / "shakespeare"
+
+
+def test_milton_asset_is_readable():
+    with gzip.open(REPO / "assets" / "milton.jsonl.gz", "rt") as f:
+        recs = [json.loads(line) for line in f]
+    assert len(recs) > 20 and all(r["text"].strip() and r["title"].startswith("Paradise Lost") for r in recs)
+
+
+# ---- bad input: one line on stderr, exit code 2
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / "prepare_data.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["missing", "field", "too_few", "val_fraction", "extension"])
+def test_bad_input(tmp_path, case):
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    one = write_jsonl(tmp_path / "one.jsonl", DOCS[:1])
+    (tmp_path / "d.csv").write_text("text\nhi\n")
+    args = {"missing": ["--dataset", "/nonexistent"],
+            "field": ["--dataset", str(src), "--text_field", "body"],
+            "too_few": ["--dataset", str(one)],
+            "val_fraction": ["--dataset", str(src), "--val_fraction", "1.5"],
+            "extension": ["--dataset", str(tmp_path / "d.csv")]}[case]
+    r = run_cli(*args, "--out_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prepare_data.py: error:"), r.stderr
+    assert not (tmp_path / "out" / "meta.json").exists()
+    if case == "field":
+        assert "'body'" in lines[0] and "--text_field" in lines[0]

@@ -1,0 +1,118 @@
+"""reweight.py against hand-computed weights, limits and invariances."""
+
+import math
+
+import pytest
+import torch
+
+import reweight
+
+
+def hand_softmax(losses, tau):
+    e = [math.exp(l / tau) for l in losses]
+    return [v / sum(e) for v in e]
+
+
+def test_erm_is_uniform():
+    w = reweight.weights(torch.tensor([3.0, 1.0, 2.0, 9.0]), "erm")
+    assert torch.equal(w, torch.full((4,), 0.25))
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 3.0])
+def test_irdro_matches_hand_computed_softmax(tau):
+    losses = [2.0, 3.5, 1.0, 2.5, 4.0]
+    w = reweight.weights(torch.tensor(losses), "irdro", tau=tau)
+    assert w.tolist() == pytest.approx(hand_softmax(losses, tau), rel=1e-6)
+
+
+def test_irdro_limits():
+    losses = torch.tensor([2.0, 3.0, 1.0, 2.9])
+    assert reweight.irdro(losses, 1e6).tolist() == pytest.approx([0.25] * 4, abs=1e-6)  # tau -> inf: ERM
+    assert reweight.irdro(losses, 1e-4).tolist() == [0.0, 1.0, 0.0, 0.0]  # tau -> 0: argmax
+
+
+def test_irdro_is_monotone_in_the_loss():
+    losses = torch.tensor([0.3, 2.0, 1.1, 5.0, 4.2])
+    w = reweight.irdro(losses, 1.0)
+    assert torch.equal(torch.argsort(w), torch.argsort(losses))
+
+
+def test_irdro_huge_and_infinite_losses_stay_finite():
+    d = 2.0 ** -7  # exactly representable next to 1e4 in float32
+    w = reweight.irdro(torch.tensor([1e4, 1e4 - d, 0.0]), 1e-3)
+    assert torch.isfinite(w).all() and w.sum().item() == pytest.approx(1.0)
+    assert w.tolist() == pytest.approx(hand_softmax([0.0, -d, -1e4], 1e-3), rel=1e-4)
+    w = reweight.irdro(torch.tensor([math.inf, 1.0, math.inf, 3.0]), 1.0)
+    assert w.tolist() == [0.5, 0.0, 0.5, 0.0]
+    assert reweight.tilted_loss(torch.tensor([1e4, 1e4, 0.0]), 1e-3).item() == pytest.approx(1e4)
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, math.inf, math.nan])
+def test_irdro_rejects_bad_tau(tau):
+    with pytest.raises(ValueError, match="tau"):
+        reweight.weights(torch.tensor([1.0, 2.0]), "irdro", tau=tau)
+
+
+def test_tilted_loss_is_the_log_mean_exp_between_mean_and_max():
+    losses = [2.0, 3.5, 1.0, 2.5]
+    for tau in (0.3, 1.0, 10.0):
+        expected = tau * math.log(sum(math.exp(l / tau) for l in losses) / len(losses))
+        got = reweight.tilted_loss(torch.tensor(losses), tau).item()
+        assert got == pytest.approx(expected, rel=1e-6)
+        assert sum(losses) / len(losses) <= got <= max(losses)
+
+
+def test_midrank_hand_example():
+    losses = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0, 0.0, 7.0, 6.0])
+    # ranks high -> low: 7 (i6), 6 (i7) skipped; 5 (i0), 4 (i2), 3 (i4), 2 (i3) kept; 1, 0 dropped
+    w = reweight.weights(losses, "midrank", skip=0.25, keep=0.5)
+    assert w.tolist() == [0.25, 0.0, 0.25, 0.25, 0.25, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("portion", range(8))
+def test_midrank_reaches_the_official_frac_portion_settings(portion):
+    # official: c = int(frac * B); train on sorted ranks [portion * c, (portion + 1) * c)
+    frac, B = 0.125, 8
+    losses = torch.randperm(B).float()
+    c = int(frac * B)
+    ranked = torch.argsort(losses, descending=True)
+    expected = torch.zeros(B)
+    expected[ranked[portion * c:(portion + 1) * c]] = 1.0 / c
+    w = reweight.weights(losses, "midrank", skip=portion * frac, keep=frac)
+    assert torch.equal(w, expected)
+
+
+def test_midrank_full_keep_is_erm_and_counts_are_exact():
+    losses = torch.rand(100)
+    assert torch.allclose(reweight.midrank(losses, 0.0, 1.0), reweight.erm(losses))
+    assert reweight.midrank_counts(100, 0.29, 0.29) == (29, 29)  # no float truncation to 28
+    for skip, keep in [(0.1, 0.3), (0.5, 0.5), (0.0, 0.07)]:
+        w = reweight.midrank(losses, skip, keep)
+        assert (w > 0).sum().item() == math.floor(keep * 100 + 1e-9)
+        assert w.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("skip,keep", [(0.0, 0.0), (0.0, 0.05), (0.6, 0.6), (-0.1, 0.5), (0.2, 1.5)])
+def test_midrank_rejects_bad_fractions(skip, keep):
+    with pytest.raises(ValueError):
+        reweight.midrank(torch.rand(10), skip, keep)
+
+
+@pytest.mark.parametrize("method", reweight.METHODS)
+def test_weights_are_a_distribution_and_permutation_equivariant(method):
+    torch.manual_seed(0)
+    losses = torch.rand(32) * 5
+    perm = torch.randperm(32)
+    w = reweight.weights(losses, method, tau=0.7, skip=0.25, keep=0.5)
+    assert (w >= 0).all() and w.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(reweight.weights(losses[perm], method, tau=0.7, skip=0.25, keep=0.5), w[perm])
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method"):
+        reweight.weights(torch.rand(3), "focal")
+
+
+def test_effective_sample_size():
+    assert reweight.effective_sample_size(torch.full((10,), 0.1)) == pytest.approx(10)
+    assert reweight.effective_sample_size(torch.tensor([0.0, 1.0, 0.0])) == pytest.approx(1)

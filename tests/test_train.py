@@ -1,0 +1,177 @@
+"""train.py: data sampling, exact whole-batch reweighting under gradient accumulation, logs, resume."""
+
+import json
+import math
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+import reweight
+import train
+from model import GPT, GPTConfig
+
+ROOT = train.Path(train.__file__).parent
+
+
+def run(flags, tmp_path, name, *extra):
+    return train.main(flags + ["--out_dir", str(tmp_path / name), *extra])
+
+
+# --- data ---------------------------------------------------------------------
+
+def test_samples_are_chunks_that_never_cross_a_document(tiny_data):
+    for split in ("train", "val"):
+        docs = np.load(tiny_data / f"{split}_docs.npz")
+        offsets, ids = docs["offsets"], docs["ids"]
+        data = train.load_split(tiny_data, split, block_size=8)
+        start, end, doc = data["start"], data["end"], data["doc"]
+        assert (end - start - 1 <= 8).all() and (end - start >= 2).all()
+        d = np.searchsorted(ids, doc)  # ids are sorted within a split
+        assert (start >= offsets[d]).all() and (end <= offsets[d + 1]).all()
+        # consecutive chunks share one token (last input = next chunk's first), and every target is covered
+        assert (end - start - 1).sum() == (np.diff(offsets) - 1).sum()
+
+
+def test_step_samples_depend_on_seed_step_and_n_only():
+    a = train.step_samples(7, 3, 8, 50)
+    assert np.array_equal(a, train.step_samples(7, 3, 8, 50))
+    assert not np.array_equal(a, train.step_samples(8, 3, 8, 50))
+    # an epoch is a permutation: 50 samples of steps 0..4 (n=10) are all distinct
+    epoch = np.concatenate([train.step_samples(7, k, 10, 50) for k in range(5)])
+    assert sorted(epoch.tolist()) == list(range(50))
+
+
+# --- exact reweighting over the effective batch ------------------------------
+
+def reference_grads(model, x, y, method, tau, skip, keep):
+    """Gradient of sum_i w_i l_i with all samples in one batch and w computed here independently."""
+    model.zero_grad(set_to_none=True)
+    _, loss = model(x, y)
+    l = loss.detach().double()
+    if method == "erm":
+        w = torch.full_like(l, 1 / len(l))
+    elif method == "irdro":
+        e = torch.exp(l / tau)
+        w = e / e.sum()
+    else:
+        order = sorted(range(len(l)), key=lambda i: -l[i].item())
+        s, k = int(skip * len(l)), int(keep * len(l))
+        w = torch.zeros_like(l)
+        w[order[s:s + k]] = 1 / k
+    (loss * w.float()).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads, w.float()
+
+
+@pytest.mark.parametrize("method", reweight.METHODS)
+@pytest.mark.parametrize("micro", [8, 4, 2, 1])
+def test_forward_backward_equals_the_whole_batch_gradient(method, micro):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    x = torch.randint(64, (8, 16))
+    y = torch.randint(64, (8, 16))
+    y[3, 5:] = -1
+    tau, skip, keep = 0.05, 0.25, 0.5  # small tau: the weights are far from uniform
+    ref, w_ref = reference_grads(model, x, y, method, tau, skip, keep)
+    batches = [(x[i:i + micro], y[i:i + micro]) for i in range(0, 8, micro)]
+    losses, w = train.forward_backward(model, batches, method, tau, skip, keep, nullcontext())
+    assert torch.allclose(w, w_ref, atol=1e-6)
+    assert w.max() > 0.2 or method == "erm"
+    for p, g in zip(model.parameters(), ref):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", reweight.METHODS)
+def test_one_step_is_the_same_for_any_micro_batching(method, tiny_flags, tmp_path):
+    states = []
+    for bs, ga in [(8, 1), (2, 4), (1, 8)]:
+        res = run(tiny_flags, tmp_path, f"{bs}x{ga}", "--method", method, "--batch_size", str(bs),
+                  "--grad_accum", str(ga), "--max_iters", "1", "--warmup_iters", "0", "--tau", "0.1")
+        states.append(res["model"].state_dict())
+    # Adam's first step is about lr * g / (|g| + eps): for a gradient entry near eps, float rounding
+    # of the accumulation order moves the update by up to ~1e-3 of a step (lr = 1e-3 here)
+    for other in states[1:]:
+        for k in states[0]:
+            assert torch.allclose(states[0][k], other[k], rtol=0, atol=1e-5), k
+
+
+# --- logs ---------------------------------------------------------------------
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_weights_jsonl_irdro_is_softmax_of_the_logged_losses(tiny_flags, tmp_path, tiny_data):
+    run(tiny_flags, tmp_path, "irdro", "--method", "irdro", "--tau", "0.5", "--max_iters", "3",
+        "--batch_size", "4", "--grad_accum", "3")
+    records = read_jsonl(tmp_path / "irdro" / "weights.jsonl")
+    train_ids = set(np.load(tiny_data / "train_docs.npz")["ids"].tolist())
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in records:
+        l = np.array(r["loss"])
+        e = np.exp((l - l.max()) / 0.5)
+        assert len(l) == len(r["weight"]) == len(r["doc"]) == 12
+        assert np.allclose(r["weight"], e / e.sum(), rtol=1e-5)
+        assert set(r["doc"]) <= train_ids
+
+
+def test_weights_jsonl_midrank_is_uniform_on_the_kept_band(tiny_flags, tmp_path):
+    run(tiny_flags, tmp_path, "midrank", "--method", "midrank", "--skip", "0.25", "--keep", "0.5",
+        "--max_iters", "3", "--batch_size", "4", "--grad_accum", "2")
+    for r in read_jsonl(tmp_path / "midrank" / "weights.jsonl"):
+        ranked = np.argsort(-np.array(r["loss"]), kind="stable")
+        w = np.array(r["weight"])[ranked]
+        assert np.allclose(w, [0, 0, 0.25, 0.25, 0.25, 0.25, 0, 0])
+
+
+def test_training_lowers_the_val_loss_and_logs_every_step(tiny_flags, tmp_path):
+    run(tiny_flags, tmp_path, "erm", "--method", "erm", "--max_iters", "30", "--eval_interval", "15",
+        "--lr", "3e-3", "--batch_size", "8", "--grad_accum", "1")
+    log = read_jsonl(tmp_path / "erm" / "log.jsonl")
+    evals = [r["val_loss"] for r in log if r["type"] == "eval"]
+    assert len(evals) == 3 and evals[-1] < evals[0] - 1.0
+    assert [r["step"] for r in log if r["type"] == "train"] == list(range(30))
+    ckpt = torch.load(tmp_path / "erm" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 30 and set(ckpt) >= {"model", "optimizer", "model_args", "args", "rng"}
+
+
+def test_resume_gives_the_same_parameters_and_weights(tiny_flags, tmp_path):
+    common = ["--method", "irdro", "--schedule", "constant", "--eval_interval", "2", "--batch_size", "4",
+              "--dropout", "0.1"]  # dropout: the RNG state must be restored too
+    straight = run(tiny_flags, tmp_path, "a", *common, "--max_iters", "4")["model"].state_dict()
+    run(tiny_flags, tmp_path, "b", *common, "--max_iters", "2")
+    resumed = run(tiny_flags, tmp_path, "b", *common, "--max_iters", "4", "--init_from", "resume")
+    for k, v in resumed["model"].state_dict().items():
+        assert torch.equal(v, straight[k]), k
+    assert read_jsonl(tmp_path / "a" / "weights.jsonl") == read_jsonl(tmp_path / "b" / "weights.jsonl")
+
+
+def test_continue_from_an_earlier_run(tiny_flags, tmp_path):
+    base = run(tiny_flags, tmp_path, "base", "--method", "erm", "--max_iters", "2")
+    cont = run(tiny_flags, tmp_path, "cont", "--method", "irdro", "--max_iters", "0",
+               "--init_from", str(tmp_path / "base"), "--n_layer", "3")  # model flags come from the checkpoint
+    for k, v in cont["model"].state_dict().items():
+        assert torch.equal(v, base["model"].state_dict()[k]), k
+
+
+# --- bad input -> one line, exit code 2 ----------------------------------------
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tau", "0"], "tau"),
+    (["--method", "midrank", "--keep", "0.01"], "keep"),
+    (["--method", "midrank", "--skip", "0.8", "--keep", "0.5"], "skip"),
+    (["--data", "/nonexistent/data"], "prepare_data.py"),
+    (["--batch_size", "64", "--grad_accum", "64"], "exceeds"),
+    (["--init_from", "/nonexistent/run"], "checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(flags, message, tiny_flags, tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_flags, "--out_dir", str(tmp_path / "o"),
+                        *flags], capture_output=True, text=True)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:") and message in lines[0], p.stderr

@@ -1,0 +1,417 @@
+"""
+Train a GPT with per-sample losses reweighted by ERM, MidRanking or IR-DRO.
+
+    python train.py --method irdro --tau 1.0              # the default corpus, prepared if missing
+    python train.py --method midrank --skip 0.125 --keep 0.5
+    python train.py --init_from out/erm --method irdro    # continual training from an earlier run
+
+Every optimizer step sees an effective batch of n = batch_size * grad_accum samples (documents or
+chunks of documents). reweight.py turns their detached losses l_1..l_n into weights w_1..w_n and the
+step descends sum_i w_i l_i. The weights are those of the *whole* effective batch, exactly, while
+only one micro-batch's graph is alive at a time (see forward_backward).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import prepare_data
+import reweight
+from model import GPT, GPTConfig, IGNORE_INDEX
+
+
+def build_parser(description=__doc__):
+    p = argparse.ArgumentParser(description=description.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # reweighting
+    a("--method", default="irdro", choices=reweight.METHODS, help="how per-sample losses are weighted")
+    a("--tau", type=float, default=1.0, help="IR-DRO temperature: w = softmax(loss / tau)")
+    a("--skip", type=float, default=0.125, help="MidRanking: fraction of highest-loss samples skipped")
+    a("--keep", type=float, default=0.5, help="MidRanking: fraction kept after the skipped ones")
+    # data
+    a("--data", default=str(prepare_data.DEFAULT_DATA_DIR), help="folder written by prepare_data.py")
+    a("--block_size", type=int, default=128, help="most target tokens per sample (context length)")
+    a("--batch_size", type=int, default=8, help="micro-batch size (samples per forward pass)")
+    a("--grad_accum", type=int, default=2, help="micro-batches per optimizer step")
+    # model (from scratch)
+    a("--n_layer", type=int, default=4, help="transformer blocks")
+    a("--n_head", type=int, default=4, help="attention heads")
+    a("--n_embd", type=int, default=128, help="embedding width")
+    a("--dropout", type=float, default=0.0, help="dropout probability (0 for continual training)")
+    a("--bias", action=argparse.BooleanOptionalAction, default=True, help="biases in Linear/LayerNorm")
+    a("--init_from", default="scratch", help="'scratch', 'resume' (from --out_dir), or an earlier out_dir")
+    # optimisation
+    a("--max_iters", type=int, default=250, help="optimizer steps")
+    a("--lr", type=float, default=2e-3, help="peak learning rate")
+    a("--min_lr", type=float, default=2e-4, help="cosine schedule: final learning rate")
+    a("--schedule", default="cosine", choices=("cosine", "constant"), help="learning-rate schedule after warm-up")
+    a("--warmup_iters", type=int, default=20, help="linear warm-up steps")
+    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    a("--beta1", type=float, default=0.9, help="AdamW beta1")
+    a("--beta2", type=float, default=0.95, help="AdamW beta2")
+    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    # evaluation, logging, output
+    a("--eval_interval", type=int, default=50, help="evaluate and checkpoint every this many steps")
+    a("--eval_samples", type=int, default=128, help="held-out samples in the val loss")
+    a("--out_dir", default="out/{method}", help="where checkpoints and logs go; {method} is replaced")
+    a("--seed", type=int, default=1337, help="model init and the data order")
+    # system
+    a("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+      help="auto: bfloat16 where supported, float16 (with loss scaling) on older GPUs, float32 on CPU")
+    a("--compile", action=argparse.BooleanOptionalAction, default="auto",
+      help="torch.compile the model; auto: on for CUDA")
+    return p
+
+
+def get_args(argv=None, parser=None):
+    args = (parser or build_parser()).parse_args(argv)
+    args.out_dir = args.out_dir.format(method=args.method)
+    args.compile = args.compile is True or (args.compile == "auto" and pick_device(args.device).type == "cuda")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# data: documents -> samples -> the micro-batches of optimizer step k
+
+def load_split(data_dir, split, block_size):
+    """A split as a table of samples. A document of L tokens has L-1 targets; it is cut into
+    consecutive chunks of at most block_size targets, so no sample crosses a document boundary."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
+    docs = np.load(data_dir / f"{split}_docs.npz")
+    offsets, ids = docs["offsets"], docs["ids"]
+    n_targets = np.maximum(np.diff(offsets) - 1, 0)
+    n_chunks = -(-n_targets // block_size)  # ceil division
+    d = np.repeat(np.arange(len(ids)), n_chunks)  # document index of every sample
+    chunk = np.arange(len(d)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
+    start = offsets[d] + chunk * block_size
+    end = np.minimum(start + block_size + 1, offsets[d + 1])  # tokens [start, end) of the sample
+    return dict(tokens=tokens, start=start, end=end, doc=ids[d], meta=meta)
+
+
+def get_batch(data, samples, block_size, device):
+    """Samples -> inputs x and targets y, both (len(samples), block_size). Short samples are padded
+    at the end: with causal attention the padding never influences real positions, and its targets
+    are IGNORE_INDEX so it never counts in a loss."""
+    x = np.zeros((len(samples), block_size), dtype=np.int64)
+    y = np.full((len(samples), block_size), IGNORE_INDEX, dtype=np.int64)
+    for row, s in enumerate(samples):
+        seq = data["tokens"][data["start"][s]:data["end"][s]].astype(np.int64)
+        x[row, :len(seq) - 1], y[row, :len(seq) - 1] = seq[:-1], seq[1:]
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+@lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n_samples):
+    return np.random.default_rng([seed, epoch]).permutation(n_samples)
+
+
+def step_samples(seed, step, n, n_samples):
+    """The n samples of optimizer step `step`: positions step*n .. step*n+n-1 of an endless stream
+    of epochs, each a fresh permutation. A function of (seed, step, n) alone, so the data does not
+    depend on how the step is split into micro-batches or processes, and resume needs no state."""
+    g = step * n + np.arange(n)
+    return np.array([epoch_order(seed, e, n_samples)[i] for e, i in zip(g // n_samples, g % n_samples)])
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step's forward and backward passes
+
+def forward_backward(model, batches, method, tau, skip, keep, ctx, scale=lambda loss: loss):
+    """Leave grad = d/dtheta sum_i w_i l_i in the parameters, with w computed by reweight.py from
+    the losses of ALL micro-batches in `batches` (the effective batch). Returns (losses, weights).
+
+    Memory stays that of one micro-batch; the official code instead kept every graph alive until the
+    weights were known. How each method gets there without that:
+    - erm: w_i = 1/n is known in advance, so each micro-batch backpropagates sum(l)/n.
+    - irdro: w_i = exp(l_i/tau) / S with S = sum_j exp(l_j/tau) over the whole batch. The numerator
+      is per sample and S a common scalar, so we accumulate sum_i exp((l_i - m)/tau) grad l_i with a
+      running max m (for overflow safety), rescale the accumulated gradient by exp((m_old - m)/tau)
+      when m grows, and divide by S at the end: online softmax. No extra forward pass.
+    - midrank: a sample's weight depends on its rank in the whole batch, which only the last
+      micro-batch reveals, so we first score all samples without building graphs (one forward, about
+      a third of a training step), then backpropagate only the kept ones. With keep < 2/3 this is
+      cheaper than ERM, since the dropped samples never pay for a backward pass.
+    `scale` is the loss scaler's scale (float16 training); gradients are linear in it."""
+    n = sum(len(x) for x, _ in batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method == "midrank":
+        with torch.no_grad(), ctx:
+            losses = torch.cat([model(x, y)[1] for x, y in batches]).float()
+        w = reweight.weights(losses, "midrank", skip=skip, keep=keep)
+        X, Y = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+        for rows in w.nonzero().squeeze(1).split(len(batches[0][0])):  # kept samples, re-packed
+            with ctx:
+                _, loss = model(X[rows], Y[rows])
+            scale((loss * w[rows]).sum()).backward()
+        return losses, w
+    losses, m, S = [], torch.tensor(-math.inf, device=batches[0][0].device), 0.0
+    for x, y in batches:
+        with ctx:
+            _, loss = model(x, y)
+        l = loss.detach().float()
+        losses.append(l)
+        if method == "erm":
+            coef = torch.full_like(l, 1.0 / n)
+        else:  # irdro, online softmax
+            m_new = torch.maximum(m, l.max())
+            if len(losses) > 1:  # no .item(): the rescale never waits for the device
+                factor = torch.exp((m - m_new) / tau)
+                torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
+                S = S * factor
+            coef = torch.exp((l - m_new) / tau)
+            S, m = S + coef.sum(), m_new
+        scale((loss * coef).sum()).backward()
+    losses = torch.cat(losses)
+    if method == "irdro":
+        torch._foreach_div_([p.grad for p in params if p.grad is not None], S)
+    return losses, reweight.weights(losses, method, tau=tau)
+
+
+# -----------------------------------------------------------------------------
+
+def lr_at(step, args):
+    """Linear warm-up, then constant or cosine decay to min_lr at max_iters."""
+    if step < args.warmup_iters:
+        return args.lr * (step + 1) / (args.warmup_iters + 1)
+    if args.schedule == "constant":
+        return args.lr
+    progress = (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - args.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, data, samples, batch_size, block_size, device, ctx):
+    """Plain mean of the per-sample losses over a fixed set of held-out samples."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(samples), batch_size):
+        x, y = get_batch(data, samples[i:i + batch_size], block_size, device)
+        with ctx:
+            total += model(x, y)[1].float().sum().item()
+    model.train()
+    return total / len(samples)
+
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, flush it to disk, then rename: a crash at any moment leaves either
+    the old or the new checkpoint complete, never a torn one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def drop_records_after(path, step):
+    """Keep the JSON lines of steps before `step` (and the evaluation at `step` itself)."""
+    if path.exists():
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        keep = [r for r in records if r["step"] < step or (r.get("type") == "eval" and r["step"] == step)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def scratch_config(args, vocab_size):
+    """The model of a from-scratch run; the vocabulary is padded to a multiple of 64 (faster matmuls;
+    the extra tokens never occur and the model learns to give them ~zero probability)."""
+    return GPTConfig(block_size=args.block_size, vocab_size=-(-vocab_size // 64) * 64, n_layer=args.n_layer,
+                     n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)
+
+
+def setup(args):
+    """Everything that can fail on bad input happens here, before any training or writing."""
+    if args.method == "irdro":
+        reweight.check_tau(args.tau)
+    n = args.batch_size * args.grad_accum
+    if args.method == "midrank":
+        reweight.midrank_counts(n, args.skip, args.keep)
+    for flag in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_samples"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.max_iters < 0:
+        raise ValueError(f"--max_iters must be >= 0, got {args.max_iters}")
+    data_dir = Path(args.data)
+    if not (data_dir / "meta.json").exists():
+        if data_dir.resolve() != prepare_data.DEFAULT_DATA_DIR.resolve():
+            raise FileNotFoundError(f"no prepared data in {data_dir} (meta.json missing): run "
+                                    f"python prepare_data.py --dataset YOUR_DATA --out_dir {data_dir}")
+        prepare_data.prepare()  # the embedded default corpus: prepare it on first use
+    train_data = load_split(data_dir, "train", args.block_size)
+    val_data = load_split(data_dir, "val", args.block_size)
+    n_train = len(train_data["start"])
+    if n > n_train:
+        raise ValueError(f"effective batch of {n} samples exceeds the {n_train} training samples: "
+                         f"lower --batch_size or --grad_accum")
+    if len(val_data["start"]) == 0:
+        raise ValueError(f"no validation samples in {data_dir}: re-run prepare_data.py with a larger --val_fraction")
+
+    out_dir = Path(args.out_dir)
+    ckpt = None
+    if args.init_from == "resume":
+        ckpt_path = out_dir / "ckpt.pt"
+    elif args.init_from != "scratch":
+        ckpt_path = Path(args.init_from) / "ckpt.pt"
+    if args.init_from != "scratch":
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"no checkpoint at {ckpt_path}: check --init_from / --out_dir")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        config = GPTConfig(**ckpt["model_args"])
+        if ckpt.get("tokenizer") != train_data["meta"]["tokenizer"]:
+            raise ValueError(f"{ckpt_path} was trained on {ckpt.get('tokenizer')} tokens but {data_dir} "
+                             f"holds {train_data['meta']['tokenizer']} tokens: prepare the data with its tokenizer")
+        if args.block_size > config.block_size:
+            raise ValueError(f"--block_size {args.block_size} exceeds the model's {config.block_size} positions")
+    else:
+        config = scratch_config(args, train_data["meta"]["vocab_size"])
+        if args.n_embd % args.n_head:
+            raise ValueError(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return train_data, val_data, config, ckpt
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        train_data, val_data, config, ckpt = setup(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: much faster, ~fp32 loss
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = (nullcontext() if dtype == "float32" else
+           torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)))
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == "float16"))
+
+    model = GPT(config)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    optimizer = model.configure_optimizer(args.weight_decay, args.lr, (args.beta1, args.beta2), device.type)
+    if args.init_from == "resume":  # same run: restore the optimizer, step counter and RNG too
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+
+    out_dir = Path(args.out_dir)
+    (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
+    if args.init_from == "resume":  # the run may have gone on past its checkpoint before it died
+        for name in ("log.jsonl", "weights.jsonl"):
+            drop_records_after(out_dir / name, step)
+    mode = "a" if args.init_from == "resume" else "w"
+    log_file, weights_file = open(out_dir / "log.jsonl", mode), open(out_dir / "weights.jsonl", mode)
+
+    def log(record, text):
+        print(text, flush=True)
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    n = args.batch_size * args.grad_accum
+    n_train = len(train_data["start"])
+    eval_set = np.sort(np.random.default_rng(0).permutation(len(val_data["start"]))[:args.eval_samples])
+    print(f"{raw_model.num_params() / 1e6:.2f}M parameters | {args.method} | {n_train} train samples | "
+          f"effective batch {n} = {args.batch_size} x {args.grad_accum} | {device} {dtype}")
+
+    val_loss, last_eval = None, (step if args.init_from == "resume" else None)
+    while True:
+        if step != last_eval and (step % args.eval_interval == 0 or step == args.max_iters):
+            val_loss = evaluate(model, val_data, eval_set, args.batch_size, args.block_size, device, ctx)
+            log(dict(type="eval", step=step, val_loss=val_loss), f"step {step}: val loss {val_loss:.4f}")
+            if step > 0:
+                save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                     scaler=scaler.state_dict(), model_args=asdict(config), args=vars(args),
+                                     step=step, val_loss=val_loss,
+                                     tokenizer=train_data["meta"]["tokenizer"],
+                                     rng=dict(torch=torch.get_rng_state(),
+                                              cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)),
+                                out_dir / "ckpt.pt")
+        if step >= args.max_iters:
+            break
+
+        t0 = time.time()
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        samples = step_samples(args.seed, step, n, n_train)
+        batches = [get_batch(train_data, samples[i:i + args.batch_size], args.block_size, device)
+                   for i in range(0, n, args.batch_size)]
+        losses, w = forward_backward(model, batches, args.method, args.tau, args.skip, args.keep,
+                                     ctx, scaler.scale)
+        losses, w = losses.cpu(), w.cpu()  # the one device sync of the step
+        docs = train_data["doc"][samples]
+        if torch.isfinite(losses).all():
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:  # one corrupt sample must not poison the model: drop this step, keep going
+            bad = docs[~torch.isfinite(losses).numpy()].tolist()
+            print(f"step {step}: non-finite loss in documents {bad}: step skipped", file=sys.stderr)
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+
+        ntok = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+        rec = dict(type="train", step=step, loss=losses.mean().item(), wloss=(w * losses).sum().item(),
+                   wmax=w.max().item(), ess=reweight.effective_sample_size(w), lr=lr, tok_per_s=ntok / dt)
+        if args.method == "irdro":
+            rec["tilted"] = reweight.tilted_loss(losses, args.tau).item()
+        log(rec, f"step {step + 1}/{args.max_iters} | loss {rec['loss']:.4f} | weighted {rec['wloss']:.4f} | "
+                 f"w max {rec['wmax']:.3f} | ess {rec['ess']:.1f}/{n} | lr {lr:.2e} | "
+                 f"{rec['tok_per_s'] / 1e3:.1f}k tok/s | {dt * 1000:.0f} ms")
+        weights_file.write(json.dumps(dict(step=step, loss=losses.tolist(), weight=w.tolist(),
+                                           doc=docs.tolist())) + "\n")
+        weights_file.flush()
+        step += 1
+    log_file.close()
+    weights_file.close()
+    return dict(val_loss=val_loss, model=raw_model)
+
+
+if __name__ == "__main__":
+    main()
