@@ -175,3 +175,18 @@ def test_bad_input_is_one_line_and_exit_code_2(flags, message, tiny_flags, tmp_p
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train.py: error:") and message in lines[0], p.stderr
+
+
+def test_compiled_model_gives_the_same_step_on_cpu():
+    """--compile must work on CPU too (inductor's C++ backend): same losses, weights and gradients."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    x, y = torch.randint(64, (4, 16)), torch.randint(64, (4, 16))
+    batches = [(x[:2], y[:2]), (x[2:], y[2:])]
+    eager_losses, eager_w = train.forward_backward(model, batches, "irdro", 0.5, 0, 1, nullcontext())
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    losses, w = train.forward_backward(torch.compile(model), batches, "irdro", 0.5, 0, 1, nullcontext())
+    assert torch.allclose(losses, eager_losses, atol=1e-5) and torch.allclose(w, eager_w, atol=1e-6)
+    for p, g in zip(model.parameters(), eager):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
