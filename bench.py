@@ -4,12 +4,24 @@ model, data and effective batch (with gradient accumulation), and their ratios t
 
     python bench.py                          # defaults: train.py's default model and batch
     python bench.py --batch_size 8 --grad_accum 4 --steps 20
+    python bench.py --vs-hf                  # our training step vs transformers' on OPT / LLaMA shapes
 
 Methods are interleaved step by step (erm, midrank, irdro, erm, ...) so that a slow moment of the
 machine hits all of them alike; the median step time of each is reported.
+
+--vs-hf times the training step (forward, per-sample loss, backward) of our model and of transformers'
+on the same random OPT-125m-shaped and LLaMA-shaped checkpoints and inputs. Each side runs in a fresh
+process that loads the checkpoint from disk, so that its peak memory (max RSS on CPU, max allocated on
+CUDA) is its own.
 """
 
+import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,7 +38,13 @@ def main():
     p = train.build_parser(__doc__)  # the model, data and method flags of train.py, same defaults
     p.add_argument("--steps", type=int, default=10, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    p.add_argument("--vs-hf", dest="vs_hf", action="store_true", help="ours vs transformers, see above")
+    p.add_argument("--vs-hf-worker", dest="worker", default=None, help=argparse.SUPPRESS)
     args = train.get_args(parser=p)
+    if args.worker:
+        return vs_hf_worker(args)
+    if args.vs_hf:
+        return vs_hf(args)
 
     device = train.pick_device(args.device)
     dtype = train.pick_dtype(args.dtype, device)
@@ -79,6 +97,77 @@ def main():
         mem = f" | peak {peak[m] / 2**20:.0f} MiB" if m in peak else ""
         print(f"{m:8s} {t * 1000:8.1f} ms/step | {n * args.block_size / t / 1e3:7.1f}k tok/s | "
               f"{t / erm:.3f}x erm{mem}")
+
+
+# --- ours vs transformers ------------------------------------------------------
+
+def hf_shapes():
+    import transformers  # only the benchmark needs it
+    return {
+        "OPT-125m": transformers.OPTConfig(),  # the defaults are opt-125m: 768 wide, 12 layers, vocab 50272
+        "LLaMA 768x12, GQA 12/4": transformers.LlamaConfig(
+            hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    }
+
+
+def vs_hf(args):
+    import transformers
+    print(f"training step (forward, per-sample loss, backward), batch {args.batch_size} x {args.block_size} "
+          f"tokens, {args.device} {args.dtype}, fastest of {args.steps} steps after {args.warmup}, best of 2 runs")
+    for name, config in hf_shapes().items():
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+            res = {"ours": [], "hf": []}
+            for _ in range(2):  # ours, hf, ours, hf: a slow spell of the machine does not favour one side
+                for side in res:  # a fresh process each: its own peak memory
+                    out = subprocess.run([sys.executable, __file__, "--vs-hf-worker", f"{side}:{tmp}"] + sys.argv[1:],
+                                         capture_output=True, text=True, check=True).stdout
+                    res[side].append(json.loads(out.strip().splitlines()[-1]))
+        o, h = (max(res[side], key=lambda r: r["tok_per_s"]) for side in ("ours", "hf"))
+        print(f"{name:24s} ours {o['tok_per_s']:8.0f} tok/s, peak {o['peak_mib']:6.0f} MiB | transformers "
+              f"{h['tok_per_s']:8.0f} tok/s, peak {h['peak_mib']:6.0f} MiB | speed {o['tok_per_s'] / h['tok_per_s']:.2f}x, "
+              f"memory {o['peak_mib'] / h['peak_mib']:.2f}x")
+
+
+def vs_hf_worker(args):
+    side, folder = args.worker.split(":", 1)
+    device = train.pick_device(args.device)
+    dtype = train.pick_dtype(args.dtype, device)
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    if side == "ours":
+        model = GPT.from_pretrained(folder, dtype=torch.float32).to(device)
+        step_loss = lambda x, y: model(x, y)[1]  # noqa: E731
+    else:
+        import transformers
+        from model import per_sample_cross_entropy
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+        step_loss = lambda x, y: per_sample_cross_entropy(model(x).logits, y)  # noqa: E731
+    model.train()
+    if args.compile:
+        model = torch.compile(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1000, (args.batch_size, args.block_size), generator=g).to(device)
+    y = torch.roll(x, -1, dims=1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for k in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        with ctx:
+            loss = step_loss(x, y)
+        loss.mean().backward()
+        model.zero_grad(set_to_none=True)
+        sync()
+        if k >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # the fastest step: on a shared machine, slower ones measure the neighbours, not the code
+    print(json.dumps(dict(tok_per_s=x.numel() / min(times), peak_mib=peak / 2**20)))
 
 
 if __name__ == "__main__":

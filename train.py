@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -27,12 +28,28 @@ import torch
 
 import prepare_data
 import reweight
-from model import GPT, GPTConfig, IGNORE_INDEX
+from model import GPT, GPTConfig, IGNORE_INDEX, checkpoint_folder
+
+
+# Defaults that depend on the kind of run, for the flags the user leaves out. A pretrained run follows the
+# paper's official recipe (constant lr 2e-6, AdamW with torch's betas, wd 0.01, 512 tokens, 100 updates).
+SCRATCH_DEFAULTS = dict(block_size=128, grad_accum=2, max_iters=250, lr=2e-3, min_lr=2e-4,
+                        schedule="cosine", warmup_iters=20, weight_decay=0.1, beta2=0.95)
+PRETRAINED_DEFAULTS = dict(block_size=512, grad_accum=1, max_iters=100, lr=2e-6, min_lr=2e-6,
+                           schedule="constant", warmup_iters=0, weight_decay=0.01, beta2=0.999)
+
+
+def by_mode(flag):
+    return f"(default: {SCRATCH_DEFAULTS[flag]}; {PRETRAINED_DEFAULTS[flag]} with --pretrained)"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # flags defaulting to None state their defaults themselves
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser(description=__doc__):
-    p = argparse.ArgumentParser(description=description.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description.split("\n\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     # reweighting
     a("--method", default="irdro", choices=reweight.METHODS, help="how per-sample losses are weighted")
@@ -41,9 +58,9 @@ def build_parser(description=__doc__):
     a("--keep", type=float, default=0.5, help="MidRanking: fraction kept after the skipped ones")
     # data
     a("--data", default=str(prepare_data.DEFAULT_DATA_DIR), help="folder written by prepare_data.py")
-    a("--block_size", type=int, default=128, help="most target tokens per sample (context length)")
+    a("--block_size", type=int, default=None, help=f"most target tokens per sample (context length) {by_mode('block_size')}")
     a("--batch_size", type=int, default=8, help="micro-batch size (samples per forward pass)")
-    a("--grad_accum", type=int, default=2, help="micro-batches per optimizer step")
+    a("--grad_accum", type=int, default=None, help=f"micro-batches per optimizer step {by_mode('grad_accum')}")
     # model (from scratch)
     a("--n_layer", type=int, default=4, help="transformer blocks")
     a("--n_head", type=int, default=4, help="attention heads")
@@ -51,15 +68,18 @@ def build_parser(description=__doc__):
     a("--dropout", type=float, default=0.0, help="dropout probability (0 for continual training)")
     a("--bias", action=argparse.BooleanOptionalAction, default=True, help="biases in Linear/LayerNorm")
     a("--init_from", default="scratch", help="'scratch', 'resume' (from --out_dir), or an earlier out_dir")
+    a("--pretrained", default=None, help="continual training of a Hugging Face GPT-2 / OPT / LLaMA-family "
+      "checkpoint: a local folder or, online, a hub name (its data must be prepared with its tokenizer)")
+    a("--grad_ckpt", action="store_true", help="activation checkpointing: less memory, ~30%% more compute")
     # optimisation
-    a("--max_iters", type=int, default=250, help="optimizer steps")
-    a("--lr", type=float, default=2e-3, help="peak learning rate")
-    a("--min_lr", type=float, default=2e-4, help="cosine schedule: final learning rate")
-    a("--schedule", default="cosine", choices=("cosine", "constant"), help="learning-rate schedule after warm-up")
-    a("--warmup_iters", type=int, default=20, help="linear warm-up steps")
-    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    a("--max_iters", type=int, default=None, help=f"optimizer steps {by_mode('max_iters')}")
+    a("--lr", type=float, default=None, help=f"peak learning rate {by_mode('lr')}")
+    a("--min_lr", type=float, default=None, help=f"cosine schedule: final learning rate {by_mode('min_lr')}")
+    a("--schedule", default=None, choices=("cosine", "constant"), help=f"learning-rate schedule after warm-up {by_mode('schedule')}")
+    a("--warmup_iters", type=int, default=None, help=f"linear warm-up steps {by_mode('warmup_iters')}")
+    a("--weight_decay", type=float, default=None, help=f"AdamW weight decay (matrices only) {by_mode('weight_decay')}")
     a("--beta1", type=float, default=0.9, help="AdamW beta1")
-    a("--beta2", type=float, default=0.95, help="AdamW beta2")
+    a("--beta2", type=float, default=None, help=f"AdamW beta2 {by_mode('beta2')}")
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     # evaluation, logging, output
     a("--eval_interval", type=int, default=50, help="evaluate and checkpoint every this many steps")
@@ -77,6 +97,9 @@ def build_parser(description=__doc__):
 
 def get_args(argv=None, parser=None):
     args = (parser or build_parser()).parse_args(argv)
+    for flag, value in (PRETRAINED_DEFAULTS if args.pretrained else SCRATCH_DEFAULTS).items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     args.out_dir = args.out_dir.format(method=args.method)
     args.compile = args.compile is True or (args.compile == "auto" and pick_device(args.device).type == "cuda")
     return args
@@ -280,40 +303,56 @@ def setup(args):
         raise ValueError(f"no validation samples in {data_dir}: re-run prepare_data.py with a larger --val_fraction")
 
     out_dir = Path(args.out_dir)
-    ckpt = None
-    if args.init_from == "resume":
-        ckpt_path = out_dir / "ckpt.pt"
-    elif args.init_from != "scratch":
-        ckpt_path = Path(args.init_from) / "ckpt.pt"
-    if args.init_from != "scratch":
+    ckpt, meta = None, train_data["meta"]
+    torch.manual_seed(args.seed)  # the model's initialisation (from scratch) and dropout
+    if args.init_from != "scratch":  # one of our own runs: this one (resume) or an earlier one
+        ckpt_path = out_dir / "ckpt.pt" if args.init_from == "resume" else Path(args.init_from) / "ckpt.pt"
         if not ckpt_path.exists():
             raise FileNotFoundError(f"no checkpoint at {ckpt_path}: check --init_from / --out_dir")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        config = GPTConfig(**ckpt["model_args"])
-        if ckpt.get("tokenizer") != train_data["meta"]["tokenizer"]:
-            raise ValueError(f"{ckpt_path} was trained on {ckpt.get('tokenizer')} tokens but {data_dir} "
-                             f"holds {train_data['meta']['tokenizer']} tokens: prepare the data with its tokenizer")
-        if args.block_size > config.block_size:
-            raise ValueError(f"--block_size {args.block_size} exceeds the model's {config.block_size} positions")
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        if ckpt.get("tokenizer") != tokenizer_id(meta):
+            raise ValueError(f"{ckpt_path} was trained on {ckpt.get('tokenizer')} tokens but {data_dir} holds "
+                             f"{tokenizer_id(meta)} tokens: prepare the data with the model's tokenizer")
+    elif args.pretrained:
+        folder = checkpoint_folder(args.pretrained)
+        # float32 master weights: AdamW's tiny updates (lr 2e-6) would vanish in bf16 weights; the
+        # forward and backward passes still run in bf16 under autocast on GPUs
+        model = GPT.from_pretrained(folder, dtype=torch.float32)
+        theirs = prepare_data.load_tokenizer(folder).fingerprint
+        if theirs != tokenizer_id(meta):
+            raise ValueError(f"{data_dir} was tokenized with {meta['tokenizer']}, not with the tokenizer of "
+                             f"{args.pretrained}: run python prepare_data.py --tokenizer {args.pretrained} ...")
     else:
-        config = scratch_config(args, train_data["meta"]["vocab_size"])
         if args.n_embd % args.n_head:
             raise ValueError(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
+        model = GPT(scratch_config(args, meta["vocab_size"]))
+    if args.block_size > model.config.block_size:
+        raise ValueError(f"--block_size {args.block_size} exceeds the model's {model.config.block_size} positions")
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise ValueError(f"{data_dir} has a vocabulary of {meta['vocab_size']} tokens, the model only "
+                         f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
+    model.grad_ckpt = args.grad_ckpt
     out_dir.mkdir(parents=True, exist_ok=True)
-    return train_data, val_data, config, ckpt
+    return train_data, val_data, model, ckpt
+
+
+def tokenizer_id(meta):
+    """What identifies a data folder's tokenizer: the fingerprint of its vocabulary where recorded."""
+    return meta.get("tokenizer_fingerprint") or meta["tokenizer"]
 
 
 def main(argv=None):
     args = get_args(argv)
     try:
-        train_data, val_data, config, ckpt = setup(args)
+        train_data, val_data, model, ckpt = setup(args)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: much faster, ~fp32 loss
         torch.backends.cudnn.allow_tf32 = True
@@ -321,10 +360,7 @@ def main(argv=None):
            torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)))
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == "float16"))
 
-    model = GPT(config)
     step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
     model.to(device)
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, (args.beta1, args.beta2), device.type)
     if args.init_from == "resume":  # same run: restore the optimizer, step counter and RNG too
@@ -364,9 +400,9 @@ def main(argv=None):
             log(dict(type="eval", step=step, val_loss=val_loss), f"step {step}: val loss {val_loss:.4f}")
             if step > 0:
                 save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                     scaler=scaler.state_dict(), model_args=asdict(config), args=vars(args),
+                                     scaler=scaler.state_dict(), model_args=asdict(raw_model.config), args=vars(args),
                                      step=step, val_loss=val_loss,
-                                     tokenizer=train_data["meta"]["tokenizer"],
+                                     tokenizer=tokenizer_id(train_data["meta"]),
                                      rng=dict(torch=torch.get_rng_state(),
                                               cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)),
                                 out_dir / "ckpt.pt")
@@ -410,7 +446,21 @@ def main(argv=None):
         step += 1
     log_file.close()
     weights_file.close()
+    export(raw_model, args, out_dir / "hf")
     return dict(val_loss=val_loss, model=raw_model)
+
+
+def export(model, args, hf_dir):
+    """The trained model in Hugging Face's layout, with the tokenizer files of the pretrained checkpoint,
+    for transformers and lm-evaluation-harness (`lm_eval --model hf --model_args pretrained=DIR`)."""
+    model.save_pretrained(hf_dir)
+    if args.pretrained:
+        folder = checkpoint_folder(args.pretrained)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                     "vocab.json", "merges.txt", "generation_config.json"):
+            if (folder / name).exists():
+                shutil.copy(folder / name, hf_dir / name)
+    print(f"exported {hf_dir}")
 
 
 if __name__ == "__main__":
