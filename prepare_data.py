@@ -1,12 +1,17 @@
 """
-Turn a text corpus into what train.py reads: GPT-2 BPE tokens plus document boundaries.
+Turn a text corpus into what train.py reads: tokens (GPT-2 BPE, or a pretrained checkpoint's own tokenizer)
+plus document boundaries.
 
     python prepare_data.py                                   # embedded Shakespeare -> data/shakespeare (offline)
     python prepare_data.py --dataset my_corpus.jsonl.gz      # local text/json/jsonl/parquet file, folder or glob
     python prepare_data.py --dataset roneneldan/TinyStories  # a Hugging Face hub dataset (needs the network)
+    python prepare_data.py --tokenizer ckpt/Sheared-LLaMA-1.3B  # a checkpoint's own tokenizer (local folder)
+                                                             #   -> data/shakespeare-Sheared-LLaMA-1.3B
+    python prepare_data.py --tokenizer facebook/opt-125m     # hub name: downloads its tokenizer files only
 
 Output, in <out_dir>:
-    {train,val}.bin       every document of the split as [bos] + tokens, concatenated (numpy tofile, uint16)
+    {train,val}.bin       every document of the split as [bos] + tokens, concatenated (numpy tofile; uint16, or
+                          uint32 for a vocabulary over 65536 such as Llama-3's)
     {train,val}_docs.npz  offsets (ndocs+1,) int64: doc i = tokens[offsets[i]:offsets[i+1]];
                           ids (ndocs,) int64: the doc's index in the source dataset
     titles.json           source records' "title" field, indexed by source id (only if the records have one)
@@ -69,6 +74,261 @@ def gpt2_encoding():
 def token_dtype(vocab_size):
     # 2 bytes a token while every id fits, which halves disk and memory; bigger vocabularies need 4
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+# ---- tokenizers: GPT-2 (tiktoken, above) or a pretrained checkpoint's own
+#
+# A checkpoint must see the ids of its own tokenizer, exactly as `transformers.AutoTokenizer` gives them (that is
+# also what lm-evaluation-harness feeds it), so a folder's tokenizer is rebuilt here the way transformers 5 builds it,
+# with the `tokenizers` package (the Rust library inside AutoTokenizer), not with transformers itself:
+#   tokenizer.json          loaded as is, its post-processor says whether a bos is added;
+#   vocab.json + merges.txt GPT-2 / OPT byte-level BPE, a bos only if tokenizer_config.json has add_bos_token: true
+#                           (OPT's has: it starts each text with </s> = 2; GPT-2's HF tokenizer adds nothing);
+#   tokenizer.model         sentencepiece (LLaMA-1/2, Sheared-LLaMA): its pieces become a byte-fallback BPE, as
+#                           transformers 5 converts it; a bos (<s> = 1) unless add_bos_token: false (where the
+#                           key is missing, transformers 5 adds none, but a LLaMA model expects its <s>).
+# LLaMA's sentencepiece-style tokenizers (tokenizer_class LlamaTokenizer) get transformers 5's pre-tokenizer in
+# every case: spaces -> "▁" and one "▁" in front of the text unless it starts with a space (prepend_scheme
+# "first"; a legacy: true config prepends after special tokens too), no normalizer; a tokenizer.json's own
+# normalizer is ignored, as transformers 5 ignores it. (sentencepiece itself, and transformers 4, put "▁▁" before a
+# text that starts with a space; texts that don't start with one get the same ids everywhere.)
+# Special tokens written inside a text ("</s>", "<|endoftext|>") are parsed as the special token, because
+# AutoTokenizer does that by default; the default GPT-2 path keeps tiktoken's encode_ordinary (plain text), as before.
+# Our format starts every document with one bos: the one the tokenizer adds, or, where it adds none (GPT-2), its eos.
+# A trailing eos that a tokenizer may add (add_eos_token) is left out: the bos alone marks where a document starts.
+TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "config.json"]
+NAMED_SPECIALS = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"]
+# the fingerprint of GPT-2's own vocabulary with bos 50256: an HF GPT-2 folder is then interchangeable with "gpt2"
+GPT2_HF_FINGERPRINT = "434bbe7089eae415"
+
+
+class DocTokenizer:
+    """What prepare() and train.py need of a tokenizer: whole documents -> ids, each starting with `bos`.
+    fingerprint: a short hash of the token -> id mapping (special and added tokens included) and of the bos,
+    so that data can be matched to a model; "gpt2" for GPT-2's."""
+
+    def __init__(self, name, fingerprint, vocab_size, bos, eos, encode_batch, decode):
+        self.name, self.fingerprint, self.vocab_size, self.bos, self.eos = name, fingerprint, vocab_size, bos, eos
+        self._encode_batch = encode_batch  # texts -> ids without the bos
+        self.decode = decode  # ids -> text, special tokens included
+
+    def encode(self, text):
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts):
+        return [[self.bos] + ids for ids in self._encode_batch(list(texts))]
+
+    def __repr__(self):
+        return (f"DocTokenizer({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos}, eos={self.eos}, "
+                f"fingerprint={self.fingerprint!r})")
+
+
+def load_tokenizer(name_or_dir="gpt2"):
+    """"gpt2": GPT-2 BPE via tiktoken (offline, vendored); else a folder with a checkpoint's tokenizer files, or a
+    Hugging Face hub name whose tokenizer files are downloaded (only those)."""
+    if name_or_dir == "gpt2":
+        enc = gpt2_encoding()
+        # encode_ordinary: "<|endoftext|>" written inside a text is just text, never a document boundary
+        return DocTokenizer("gpt2", "gpt2", enc.n_vocab, enc.eot_token, enc.eot_token, enc.encode_ordinary_batch,
+                           enc.decode)
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return hf_tokenizer(path, path.resolve().name)
+    return hf_tokenizer(hub_snapshot(str(name_or_dir)), str(name_or_dir))
+
+
+def hub_snapshot(name):
+    """A hub name (name or owner/name) -> a local folder with its tokenizer files (and config.json), downloaded."""
+    path = Path(name).expanduser()
+    hub_name = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and not name.startswith(".")
+    if path.exists() or not hub_name:
+        raise DataError(f"tokenizer {name!r} is neither a folder nor a hub name; pass a checkpoint folder holding "
+                        "tokenizer.json, vocab.json + merges.txt or tokenizer.model")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=TOKENIZER_FILES))
+    except Exception as e:  # offline, no such repo, gated, ...: one message, as the fix is the same
+        raise DataError(f"could not download the tokenizer of {name!r} from the Hugging Face hub "
+                        f"({type(e).__name__}); download the checkpoint where there is a network and pass its "
+                        "local folder to --tokenizer") from e
+
+
+def read_json(path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+def hf_tokenizer(folder, name):
+    """A checkpoint folder's tokenizer, built as transformers 5's AutoTokenizer builds it (see the notes above)."""
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    except ImportError as e:
+        raise DataError("a checkpoint's tokenizer needs the tokenizers package: pip install tokenizers") from e
+    cfg = read_json(folder / "tokenizer_config.json")
+    for key, value in read_json(folder / "special_tokens_map.json").items():
+        if key in NAMED_SPECIALS or key == "additional_special_tokens":
+            cfg[key] = value  # as in transformers: special_tokens_map.json has the last word on these
+    model_cfg = read_json(folder / "config.json")
+    cls = str(cfg.get("tokenizer_class") or model_cfg.get("tokenizer_class") or "").removesuffix("Fast")
+    files = {f: folder / f for f in TOKENIZER_FILES if (folder / f).is_file()}
+
+    try:
+        if "tokenizer.json" in files:
+            text = files["tokenizer.json"].read_text(encoding="utf-8")
+            tok = Tokenizer.from_str(text)
+            # Llama-3 style (byte-level BPE, though the class may say LlamaTokenizer) is used as the file says
+            llama = cls == "LlamaTokenizer" and '"ByteLevel"' not in text
+            add_bos = None  # the file's post-processor decides (transformers 5 ignores add_bos_token here)
+        elif "vocab.json" in files and "merges.txt" in files:
+            # byte-level BPE configured like transformers' GPT2Tokenizer (which OPT uses too)
+            tok = Tokenizer(models.BPE.from_file(str(files["vocab.json"]), str(files["merges.txt"]), dropout=None,
+                                                 continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(cfg.get("add_prefix_space", False)))
+            tok.decoder = decoders.ByteLevel()
+            llama, add_bos, cls = False, bool(cfg.get("add_bos_token", False)), "GPT2Tokenizer"
+        elif "tokenizer.model" in files:
+            tok = sentencepiece_tokenizer(files["tokenizer.model"])
+            llama, add_bos = True, bool(cfg.get("add_bos_token", True))
+        else:
+            raise DataError(f"{folder} holds no tokenizer.json, vocab.json + merges.txt or tokenizer.model; "
+                            "pass the folder of a Hugging Face checkpoint")
+    except DataError:
+        raise
+    except Exception as e:  # a damaged or foreign file: say which folder, in one line
+        raise DataError(f"{folder}: could not read its tokenizer files ({type(e).__name__}: {e})") from e
+    if llama:
+        # transformers 5's LlamaTokenizer: no normalizer, spaces -> "▁", one "▁" in front (see the notes above)
+        prepend = "never" if cfg.get("add_prefix_space") is False else "always" if cfg.get("legacy") else "first"
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(content=" ", left=1 if prepend != "never" else 0)])
+
+    # special tokens: the config's added tokens at their ids, then the named ones (bos, eos, unk, pad, ...),
+    # which then count as special tokens inside a text too, as in transformers
+    # (with the defaults of the tokenizer classes transformers would use)
+    defaults = ("<s>", "</s>", "<unk>") if llama else ("<|endoftext|>",) * 3 if cls == "GPT2Tokenizer" else ()
+    for key, value in zip(("bos_token", "eos_token", "unk_token"), defaults):
+        cfg.setdefault(key, value)
+    added = tok.get_added_tokens_decoder()
+    have = {t.content for t in added.values()}
+    for i, spec in sorted(((int(i), t) for i, t in (cfg.get("added_tokens_decoder") or {}).items())):
+        if spec["content"] not in have:
+            tok.add_tokens([added_token(AddedToken, spec, special=spec.get("special", False))])
+        if tok.token_to_id(spec["content"]) != i:
+            raise DataError(f"{folder}: added token {spec['content']!r} should have id {i} but gets "
+                            f"{tok.token_to_id(spec['content'])}; the tokenizer files disagree")
+    extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []
+    for spec in [cfg.get(k) for k in NAMED_SPECIALS] + (list(extra) if isinstance(extra, list) else []):
+        content = spec.get("content") if isinstance(spec, dict) else spec
+        if content and content not in {t.content for t in tok.get_added_tokens_decoder().values()}:
+            tok.add_special_tokens([added_token(AddedToken, spec, special=True)])
+
+    def token_id(key):
+        spec = cfg.get(key)
+        content = spec.get("content") if isinstance(spec, dict) else spec
+        return None if content is None else tok.token_to_id(content)
+
+    eos = token_id("eos_token")
+    if add_bos is None:  # what the post-processor puts in front of a text
+        plain = tok.encode("a", add_special_tokens=False).ids
+        full = tok.encode("a", add_special_tokens=True).ids
+        prefix = next(full[:k] for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain)
+        if len(prefix) > 1:
+            raise DataError(f"{folder}: the tokenizer puts {len(prefix)} tokens before a text, not one bos")
+    else:
+        prefix = [token_id("bos_token")] if add_bos else []
+    bos = prefix[0] if prefix else eos  # no bos added (GPT-2): the eos starts each document, as for "gpt2"
+    if bos is None:
+        raise DataError(f"{folder}: cannot tell which token starts a document (no bos is added and no eos_token "
+                        "is known); add bos_token/eos_token to tokenizer_config.json")
+
+    vocab = tok.get_vocab(with_added_tokens=True)
+    vocab_size = int(model_cfg.get("vocab_size") or tok.get_vocab_size(with_added_tokens=True))
+    mapping = json.dumps([bos, sorted((i, t) for t, i in vocab.items())], ensure_ascii=False)
+    fingerprint = hashlib.sha256(mapping.encode()).hexdigest()[:16]
+    fingerprint = "gpt2" if fingerprint == GPT2_HF_FINGERPRINT else fingerprint
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast: skips the offsets we don't need
+    return DocTokenizer(name, fingerprint, vocab_size, bos, eos,
+                        lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)],
+                        lambda ids: tok.decode(list(ids), skip_special_tokens=False))
+
+
+def added_token(AddedToken, spec, special):
+    if isinstance(spec, str):  # a bare string in a config is a special token that is matched as written
+        return AddedToken(spec, special=special, normalized=False)
+    keys = ("single_word", "lstrip", "rstrip", "normalized")
+    return AddedToken(spec["content"], special=special, **{k: spec[k] for k in keys if k in spec})
+
+
+def sentencepiece_tokenizer(path):
+    """A sentencepiece BPE model (tokenizer.model) -> a `tokenizers` byte-fallback BPE with the same pieces and ids,
+    and its control / user-defined pieces as added tokens; the merges come from the vocabulary as in transformers 5
+    (every split of a piece into two pieces, ordered by the merged piece's id)."""
+    from tokenizers import AddedToken, Tokenizer, models
+
+    try:
+        import sentencepiece
+    except ImportError as e:
+        raise DataError(f"{path} needs the sentencepiece package: pip install sentencepiece") from e
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    types, model_type = spm_piece_types(path.read_bytes())
+    if model_type != 2:
+        raise DataError(f"{path} is a sentencepiece unigram model; only BPE models (LLaMA's kind) are supported: "
+                        "pass a folder with the tokenizer.json that transformers saves for it")
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []
+    for piece, i in vocab.items():
+        pairs = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges += [(a, b, i) for a, b in sorted(pairs, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], fuse_unk=True,
+                               byte_fallback=True, dropout=None))
+    tok.add_tokens([AddedToken(sp.id_to_piece(i), special=t == 3, normalized=False)
+                    for i, t in enumerate(types) if t in (3, 4)])  # 3 control (<s>, </s>), 4 user-defined
+    return tok
+
+
+def spm_piece_types(model):
+    """sentencepiece's ModelProto, read off the protobuf wire format (protobuf is not a dependency and
+    sentencepiece's API does not tell user-defined pieces apart): the type of each piece (1 normal, 2 unknown,
+    3 control, 4 user-defined, 5 unused, 6 byte) and the model type (1 unigram, 2 BPE)."""
+    def fields(buf):
+        i = 0
+        while i < len(buf):
+            key, i = varint(buf, i)
+            wire = key & 7
+            if wire == 0:
+                value, i = varint(buf, i)
+            elif wire == 2:
+                n, i = varint(buf, i)
+                value, i = buf[i:i + n], i + n
+            elif wire in (1, 5):
+                value, i = None, i + (8 if wire == 1 else 4)
+            else:
+                raise DataError("tokenizer.model is not a sentencepiece model")
+            yield key >> 3, value
+
+    def varint(buf, i):
+        value = shift = 0
+        while True:
+            value |= (buf[i] & 0x7F) << shift
+            shift += 7
+            i += 1
+            if buf[i - 1] < 0x80:
+                return value, i
+
+    types, model_type = [], 1
+    for field, value in fields(model):
+        if field == 1:  # pieces: {1: piece, 2: score, 3: type (default normal)}
+            types.append(next((v for f, v in fields(value) if f == 3), 1))
+        elif field == 2:  # trainer_spec: {3: model_type (default unigram)}
+            model_type = next((v for f, v in fields(value) if f == 3), 1)
+    return types, model_type
 
 
 def local_files(dataset):
@@ -176,16 +436,20 @@ def write_npz(path, **arrays):
 
 
 def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, seed=1337, split="train",
-            sample_by="document", max_docs=None):
-    """Tokenize a corpus into out_dir (see the top of this file); returns out_dir."""
+            sample_by="document", max_docs=None, tokenizer="gpt2"):
+    """Tokenize a corpus into out_dir (see the top of this file); returns out_dir.
+    tokenizer: "gpt2", a checkpoint folder or hub name (see load_tokenizer), or a DocTokenizer."""
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if sample_by not in ("document", "paragraph", "line"):
         raise DataError(f"sample_by must be document, paragraph or line, got {sample_by!r}")
     if max_docs is not None and max_docs < 2:
         raise DataError(f"max_docs must be at least 2 (one train and one val document), got {max_docs}")
+    tok = tokenizer if isinstance(tokenizer, DocTokenizer) else load_tokenizer(tokenizer)  # bad names fail fast
     if out_dir is None:
-        out_dir = REPO / "data" / default_name(dataset)
+        # another tokenizer's tokens go elsewhere: data/shakespeare-Sheared-LLaMA-1.3B beside data/shakespeare
+        suffix = "" if tok.name == "gpt2" else "-" + Path(tok.name).name
+        out_dir = REPO / "data" / (default_name(dataset) + suffix)
     out_dir = Path(out_dir)
     texts, titles = load_texts(dataset, text_field, split, sample_by, max_docs)
 
@@ -199,20 +463,22 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
     val_ids = sorted(keep[j] for j in perm[:n_val])  # sorted: within a split, source order
     train_ids = sorted(keep[j] for j in perm[n_val:])
 
-    enc = gpt2_encoding()
-    bos = enc.eot_token  # GPT-2 has one special token; at a document's start it makes token 1 a target
-    dtype = token_dtype(enc.n_vocab)
-    # encode_ordinary: "<|endoftext|>" written inside a text is just text, never a document boundary
-    tokens = dict(zip(keep, enc.encode_ordinary_batch([texts[i] for i in keep])))
+    # each document as [bos] + tokens (GPT-2: <|endoftext|>); the bos makes the first real token a target too
+    dtype = token_dtype(tok.vocab_size)
+    tokens = dict(zip(keep, tok.encode_batch([texts[i] for i in keep])))
+    top = max(max(ids) for ids in tokens.values())
+    if top >= tok.vocab_size:  # an added token beyond the model's embedding table would crash training later
+        raise DataError(f"tokenizer {tok.name!r} produced id {top} but the model's vocab_size is {tok.vocab_size}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # the dir is unfinished until meta.json is back
-    meta = {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "bos": bos, "eot": bos, "dtype": dtype.name,
+    meta = {"tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
+            "bos": tok.bos, "eot": tok.eos, "dtype": dtype.name,
             "source": "embedded:shakespeare" if dataset is None else dataset, "text_field": text_field,
             "val_fraction": val_fraction, "seed": seed, "sample_by": sample_by, "max_docs": max_docs,
             "source_docs": len(texts), "empty_docs_dropped": len(texts) - len(keep)}
     for name, ids in (("train", train_ids), ("val", val_ids)):
-        docs = [np.array([bos] + tokens[i], dtype=dtype) for i in ids]
+        docs = [np.array(tokens[i], dtype=dtype) for i in ids]
         offsets = np.zeros(len(docs) + 1, dtype=np.int64)
         np.cumsum([len(d) for d in docs], out=offsets[1:])
         write_atomic(out_dir / f"{name}.bin", lambda p: np.concatenate(docs).tofile(p))
@@ -246,6 +512,8 @@ def main(argv=None):
     p.add_argument("--max_docs", type=int, default=None, help="use only the first N source documents; None means all")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of documents held out for val")
     p.add_argument("--seed", type=int, default=1337, help="seed of the document shuffle that picks val")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (tiktoken, offline), or the tokenizer of a pretrained "
+                   "checkpoint: its local folder, or its hub name (downloads only the tokenizer files)")
     args = p.parse_args(argv)
     try:
         prepare(**vars(args))

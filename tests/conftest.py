@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny corpus prepared with prepare_data.py, and tiny-model training flags."""
 
+import gzip
 import json
 import random
 import sys
@@ -31,3 +32,49 @@ def tiny_flags(tiny_data):
     """train.py flags for a fast CPU run on the tiny corpus (add --out_dir, --method, ...)."""
     return ["--data", str(tiny_data), "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
             "--block_size", "32", "--eval_samples", "8", "--device", "cpu", "--no-compile", "--seed", "3"]
+
+
+# --- checkpoint tokenizer fixtures (a tiny LLaMA-style sentencepiece model), shared by tests ---
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj, ensure_ascii=False))
+
+
+def added(content):  # how older hub configs write a special token
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
+            "single_word": False}
+
+
+@pytest.fixture(scope="session")
+def spm_model():
+    """A tiny sentencepiece BPE with LLaMA's settings (byte fallback, <unk> <s> </s> = 0 1 2, digits split,
+    whitespace kept as it is) and one user-defined symbol; trains in ~0.1 s."""
+    with gzip.open(prepare_data.EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
+        lines = [line for r in (json.loads(x) for _, x in zip(range(30), f)) for line in r["text"].splitlines()]
+    import io
+
+    import sentencepiece
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(x for x in lines if x.strip()), model_writer=model, vocab_size=800, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=["<sep>"],
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        split_digits=True, allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1, minloglevel=2)
+    return model.getvalue()
+
+
+def llama_config(**kw):  # as Sheared-LLaMA / Llama-2 checkpoints write it
+    return {"add_bos_token": True, "add_eos_token": False, "bos_token": added("<s>"), "eos_token": added("</s>"),
+            "unk_token": added("<unk>"), "clean_up_tokenization_spaces": False, "legacy": False,
+            "model_max_length": 4096, "pad_token": None, "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+            **kw}
+
+
+def spm_dir(folder, model, **cfg):
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.model").write_bytes(model)
+    write_json(folder / "tokenizer_config.json", llama_config(**cfg))
+    write_json(folder / "config.json", {"model_type": "llama", "vocab_size": 800})
+    return folder
+
+

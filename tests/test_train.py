@@ -190,3 +190,51 @@ def test_compiled_model_gives_the_same_step_on_cpu():
     assert torch.allclose(losses, eager_losses, atol=1e-5) and torch.allclose(w, eager_w, atol=1e-6)
     for p, g in zip(model.parameters(), eager):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+# --- continual training of a pretrained (Hugging Face) checkpoint ---------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, spm_model, tiny_data):
+    """A random LLaMA checkpoint with its own sentencepiece tokenizer, and data prepared with it."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import spm_dir
+    root = tmp_path_factory.mktemp("llama")
+    folder = spm_dir(root / "ckpt", spm_model)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=800, max_position_embeddings=64)).save_pretrained(folder)
+    import prepare_data
+    data = prepare_data.prepare(dataset=str(tiny_data.parent / "docs.jsonl"), out_dir=root / "data",
+                                tokenizer=str(folder), val_fraction=0.2)
+    return folder, data
+
+
+def test_pretrained_continual_training_runs_and_exports(tiny_llama, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder, data = tiny_llama
+    out = tmp_path / "run"
+    res = train.main(["--pretrained", str(folder), "--data", str(data), "--method", "irdro", "--tau", "1.0",
+                      "--max_iters", "5", "--block_size", "32", "--batch_size", "4", "--eval_samples", "8",
+                      "--device", "cpu", "--no-compile", "--out_dir", str(out)])
+    args = json.loads((out / "args.json").read_text())
+    assert args["lr"] == 2e-6 and args["schedule"] == "constant" and args["weight_decay"] == 0.01  # the recipe
+    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= {
+        p.name for p in (out / "hf").iterdir()}
+    back = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    start = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    x = torch.randint(800, (2, 16))
+    with torch.no_grad():
+        ours = res["model"].eval()(x, torch.zeros_like(x))[0]
+        assert (back(x).logits - ours).abs().max() < 1e-4
+        assert (back(x).logits - start(x).logits).abs().max() > 0  # 5 steps changed the model
+    assert len(read_jsonl(out / "weights.jsonl")) == 5
+
+
+def test_pretrained_refuses_data_of_another_tokenizer(tiny_llama, tiny_data, tmp_path):
+    folder, _ = tiny_llama
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--pretrained", str(folder), "--data", str(tiny_data),
+                        "--block_size", "32", "--device", "cpu", "--out_dir", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--tokenizer" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
