@@ -114,60 +114,64 @@ def hf_shapes():
 def vs_hf(args):
     import transformers
     print(f"training step (forward, per-sample loss, backward), batch {args.batch_size} x {args.block_size} "
-          f"tokens, {args.device} {args.dtype}, fastest of {args.steps} steps after {args.warmup}, best of 2 runs")
+          f"tokens, {args.device} {args.dtype}: median of {args.steps} steps after {args.warmup}, the two "
+          f"models alternating step by step; peak memory of each in a process of its own")
     for name, config in hf_shapes().items():
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(0)
             transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
-            res = {"ours": [], "hf": []}
-            for _ in range(2):  # ours, hf, ours, hf: a slow spell of the machine does not favour one side
-                for side in res:  # a fresh process each: its own peak memory
-                    out = subprocess.run([sys.executable, __file__, "--vs-hf-worker", f"{side}:{tmp}"] + sys.argv[1:],
-                                         capture_output=True, text=True, check=True).stdout
-                    res[side].append(json.loads(out.strip().splitlines()[-1]))
-        o, h = (max(res[side], key=lambda r: r["tok_per_s"]) for side in ("ours", "hf"))
-        print(f"{name:24s} ours {o['tok_per_s']:8.0f} tok/s, peak {o['peak_mib']:6.0f} MiB | transformers "
-              f"{h['tok_per_s']:8.0f} tok/s, peak {h['peak_mib']:6.0f} MiB | speed {o['tok_per_s'] / h['tok_per_s']:.2f}x, "
-              f"memory {o['peak_mib'] / h['peak_mib']:.2f}x")
+            res = {}
+            for sides in ("ours", "hf", "ours,hf"):
+                out = subprocess.run([sys.executable, __file__, "--vs-hf-worker", f"{sides}:{tmp}"] + sys.argv[1:],
+                                     capture_output=True, text=True, check=True).stdout
+                res[sides] = json.loads(out.strip().splitlines()[-1])
+        t, o, h = res["ours,hf"]["ms"], res["ours"]["peak_mib"], res["hf"]["peak_mib"]
+        tokens = args.batch_size * args.block_size
+        print(f"{name:24s} ours {tokens / t['ours'] * 1e3:6.0f} tok/s, peak {o:6.0f} MiB | transformers "
+              f"{tokens / t['hf'] * 1e3:6.0f} tok/s, peak {h:6.0f} MiB | speed {t['hf'] / t['ours']:.2f}x, "
+              f"memory {o / h:.2f}x")
 
 
 def vs_hf_worker(args):
-    side, folder = args.worker.split(":", 1)
+    """Time the training step of one or both sides ('ours', 'hf', 'ours,hf') on one checkpoint folder."""
+    sides, folder = args.worker.split(":", 1)
     device = train.pick_device(args.device)
     dtype = train.pick_dtype(args.dtype, device)
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
-    if side == "ours":
-        model = GPT.from_pretrained(folder, dtype=torch.float32).to(device)
-        step_loss = lambda x, y: model(x, y)[1]  # noqa: E731
-    else:
-        import transformers
-        from model import per_sample_cross_entropy
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
-        step_loss = lambda x, y: per_sample_cross_entropy(model(x).logits, y)  # noqa: E731
-    model.train()
-    if args.compile:
-        model = torch.compile(model)
+    models, step_loss = {}, {}
+    for side in sides.split(","):
+        if side == "ours":
+            models[side] = GPT.from_pretrained(folder, dtype=torch.float32)
+            step_loss[side] = lambda m, x, y: m(x, y)[1]
+        else:
+            import transformers
+            from model import per_sample_cross_entropy
+            models[side] = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            step_loss[side] = lambda m, x, y: per_sample_cross_entropy(m(x).logits, y)
+        models[side] = models[side].to(device).train()
+        if args.compile:
+            models[side] = torch.compile(models[side])
     g = torch.Generator().manual_seed(0)
     x = torch.randint(1000, (args.batch_size, args.block_size), generator=g).to(device)
     y = torch.roll(x, -1, dims=1)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times = {side: [] for side in models}
     for k in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
-        with ctx:
-            loss = step_loss(x, y)
-        loss.mean().backward()
-        model.zero_grad(set_to_none=True)
-        sync()
-        if k >= args.warmup:
-            times.append(time.perf_counter() - t0)
+        for side, model in models.items():  # alternating: a slow spell of the machine hits both
+            sync()
+            t0 = time.perf_counter()
+            with ctx:
+                loss = step_loss[side](model, x, y)
+            loss.mean().backward()
+            model.zero_grad(set_to_none=True)
+            sync()
+            if k >= args.warmup:
+                times[side].append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    # the fastest step: on a shared machine, slower ones measure the neighbours, not the code
-    print(json.dumps(dict(tok_per_s=x.numel() / min(times), peak_mib=peak / 2**20)))
+    print(json.dumps(dict(ms={s: statistics.median(t) * 1e3 for s, t in times.items()}, peak_mib=peak / 2**20)))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def build_parser(description=__doc__):
     a("--keep", type=float, default=0.5, help="MidRanking: fraction kept after the skipped ones")
     # data
     a("--data", default=str(prepare_data.DEFAULT_DATA_DIR), help="folder written by prepare_data.py")
-    a("--block_size", type=int, default=None, help=f"most target tokens per sample (context length) {by_mode('block_size')}")
+    a("--block_size", type=int, default=None,
+      help=f"most target tokens per sample (context length) {by_mode('block_size')}")
     a("--batch_size", type=int, default=8, help="micro-batch size (samples per forward pass)")
     a("--grad_accum", type=int, default=None, help=f"micro-batches per optimizer step {by_mode('grad_accum')}")
     # model (from scratch)
@@ -75,9 +76,11 @@ def build_parser(description=__doc__):
     a("--max_iters", type=int, default=None, help=f"optimizer steps {by_mode('max_iters')}")
     a("--lr", type=float, default=None, help=f"peak learning rate {by_mode('lr')}")
     a("--min_lr", type=float, default=None, help=f"cosine schedule: final learning rate {by_mode('min_lr')}")
-    a("--schedule", default=None, choices=("cosine", "constant"), help=f"learning-rate schedule after warm-up {by_mode('schedule')}")
+    a("--schedule", default=None, choices=("cosine", "constant"),
+      help=f"learning-rate schedule after warm-up {by_mode('schedule')}")
     a("--warmup_iters", type=int, default=None, help=f"linear warm-up steps {by_mode('warmup_iters')}")
-    a("--weight_decay", type=float, default=None, help=f"AdamW weight decay (matrices only) {by_mode('weight_decay')}")
+    a("--weight_decay", type=float, default=None,
+      help=f"AdamW weight decay (matrices only) {by_mode('weight_decay')}")
     a("--beta1", type=float, default=0.9, help="AdamW beta1")
     a("--beta2", type=float, default=None, help=f"AdamW beta2 {by_mode('beta2')}")
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
@@ -86,6 +89,7 @@ def build_parser(description=__doc__):
     a("--eval_samples", type=int, default=128, help="held-out samples in the val loss")
     a("--out_dir", default="out/{method}", help="where checkpoints and logs go; {method} is replaced")
     a("--seed", type=int, default=1337, help="model init and the data order")
+    a("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (needs `pip install wandb`)")
     # system
     a("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -260,6 +264,19 @@ def pick_device(name):
     return torch.device("cpu")
 
 
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' spec sheets, FLOP/s. MFU is reported
+# only for a GPU named here, rather than against a guess.
+PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12,
+              "H100 PCIe": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device, dtype):
+    if device.type != "cuda" or dtype == "float32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
 def pick_dtype(name, device):
     if name != "auto":
         return name
@@ -334,6 +351,11 @@ def setup(args):
         raise ValueError(f"{data_dir} has a vocabulary of {meta['vocab_size']} tokens, the model only "
                          f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
     model.grad_ckpt = args.grad_ckpt
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401  (optional: never required)
+        except ImportError:
+            raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     return train_data, val_data, model, ckpt
 
@@ -382,10 +404,16 @@ def main(argv=None):
     mode = "a" if args.init_from == "resume" else "w"
     log_file, weights_file = open(out_dir / "log.jsonl", mode), open(out_dir / "weights.jsonl", mode)
 
+    if args.wandb:
+        import wandb
+        wandb.init(project=args.wandb, name=out_dir.name, config=vars(args))
+
     def log(record, text):
         print(text, flush=True)
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
+        if args.wandb:
+            wandb.log({k: v for k, v in record.items() if k not in ("type", "step")}, step=record["step"])
 
     n = args.batch_size * args.grad_accum
     n_train = len(train_data["start"])
@@ -394,10 +422,16 @@ def main(argv=None):
           f"effective batch {n} = {args.batch_size} x {args.grad_accum} | {device} {dtype}")
 
     val_loss, last_eval = None, (step if args.init_from == "resume" else None)
+    peak = peak_flops(device, dtype)
+    # model FLOPs per token of a training step (forward + backward = 3 x forward): 6 per parameter plus
+    # attention's 12 * layers * width * context (the PaLM appendix's count)
+    C = raw_model.config
+    flops_per_token = 6 * raw_model.num_params() + 12 * C.n_layer * C.n_head * C.head_dim * args.block_size
+    t_start, first_step = time.time(), step
     while True:
         if step != last_eval and (step % args.eval_interval == 0 or step == args.max_iters):
             val_loss = evaluate(model, val_data, eval_set, args.batch_size, args.block_size, device, ctx)
-            log(dict(type="eval", step=step, val_loss=val_loss), f"step {step}: val loss {val_loss:.4f}")
+            log(dict(type="eval", step=step, val_loss=val_loss), f"==> step {step}: val loss {val_loss:.4f}")
             if step > 0:
                 save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                      scaler=scaler.state_dict(), model_args=asdict(raw_model.config), args=vars(args),
@@ -437,9 +471,14 @@ def main(argv=None):
                    wmax=w.max().item(), ess=reweight.effective_sample_size(w), lr=lr, tok_per_s=ntok / dt)
         if args.method == "irdro":
             rec["tilted"] = reweight.tilted_loss(losses, args.tau).item()
+        eta = (time.time() - t_start) / (step + 1 - first_step) * (args.max_iters - step - 1)
+        mfu = ""
+        if peak:  # an ERM step's FLOPs over the effective batch, against the GPU's dense bf16 peak
+            rec["mfu"] = flops_per_token * n * args.block_size / dt / peak
+            mfu = f" | MFU {rec['mfu']:.1%}"
         log(rec, f"step {step + 1}/{args.max_iters} | loss {rec['loss']:.4f} | weighted {rec['wloss']:.4f} | "
                  f"w max {rec['wmax']:.3f} | ess {rec['ess']:.1f}/{n} | lr {lr:.2e} | "
-                 f"{rec['tok_per_s'] / 1e3:.1f}k tok/s | {dt * 1000:.0f} ms")
+                 f"{rec['tok_per_s'] / 1e3:.1f}k tok/s{mfu} | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min")
         weights_file.write(json.dumps(dict(step=step, loss=losses.tolist(), weight=w.tolist(),
                                            doc=docs.tolist())) + "\n")
         weights_file.flush()

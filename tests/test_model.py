@@ -212,3 +212,16 @@ def test_scratch_model_exports_as_gpt2(tmp_path):
     x = tokens(V=64, T=16)
     with torch.no_grad():
         assert (back(x).logits - ours(x, torch.zeros_like(x))[0]).abs().max().item() <= 1e-5
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).train()
+    x, y = padded_batch([16, 9])
+    model(x, y)[1].sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model.grad_ckpt = True
+    model(x, y)[1].sum().backward()
+    for p, g in zip(model.parameters(), plain):
+        assert torch.allclose(p.grad, g, atol=1e-6)

@@ -238,3 +238,14 @@ def test_pretrained_refuses_data_of_another_tokenizer(tiny_llama, tiny_data, tmp
                         "--block_size", "32", "--device", "cpu", "--out_dir", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "--tokenizer" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_wandb_is_optional(tiny_flags, tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_flags, "--out_dir", str(tmp_path / "o"),
+                        "--wandb", "proj"], capture_output=True, text=True)
+    assert p.returncode == 2 and "pip install wandb" in p.stderr and len(p.stderr.strip().splitlines()) == 1
