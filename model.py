@@ -201,18 +201,17 @@ class GPT(nn.Module):
         self.config = config
         self.grad_ckpt = False  # activation checkpointing: recompute each block in the backward pass
         C = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(C.vocab_size, C.embd_dim),
-            drop=nn.Dropout(C.dropout),
-            h=nn.ModuleList([Block(C) for _ in range(C.n_layer)]),
-        ))
+        # (the registration order fixes the order of the random initialisation: keep it stable)
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(C.vocab_size, C.embd_dim)))
         if C.pos == "learned":
             self.transformer.wpe = nn.Embedding(C.block_size + C.pos_offset, C.n_embd)
+        self.transformer.drop = nn.Dropout(C.dropout)
+        self.transformer.h = nn.ModuleList([Block(C) for _ in range(C.n_layer)])
+        if C.prenorm:  # post-norm blocks already end in a norm
+            self.transformer.ln_f = make_norm(C, C.n_embd)
         if C.embd_dim != C.n_embd:  # opt-350m embeds in 512 dims and works in 1024
             self.transformer.project_in = nn.Linear(C.embd_dim, C.n_embd, bias=False)
             self.transformer.project_out = nn.Linear(C.n_embd, C.embd_dim, bias=False)
-        if C.prenorm:  # post-norm blocks already end in a norm
-            self.transformer.ln_f = make_norm(C, C.n_embd)
         self.lm_head = nn.Linear(C.embd_dim, C.vocab_size, bias=False)
         if C.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -43,13 +44,19 @@ def by_mode(flag):
     return f"(default: {SCRATCH_DEFAULTS[flag]}; {PRETRAINED_DEFAULTS[flag]} with --pretrained)"
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump: bad input says what is wrong and exits 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # flags defaulting to None state their defaults themselves
         return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser(description=__doc__):
-    p = argparse.ArgumentParser(description=description.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = Parser(description=description.split("\n\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     # reweighting
     a("--method", default="irdro", choices=reweight.METHODS, help="how per-sample losses are weighted")
@@ -86,6 +93,7 @@ def build_parser(description=__doc__):
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
     # evaluation, logging, output
     a("--eval_interval", type=int, default=50, help="evaluate and checkpoint every this many steps")
+    a("--keep_last", type=int, default=2, help="checkpoints kept in out_dir (ckpt.pt is the latest)")
     a("--eval_samples", type=int, default=128, help="held-out samples in the val loss")
     a("--out_dir", default="out/{method}", help="where checkpoints and logs go; {method} is replaced")
     a("--seed", type=int, default=1337, help="model init and the data order")
@@ -235,15 +243,36 @@ def evaluate(model, data, samples, batch_size, block_size, device, ctx):
     return total / len(samples)
 
 
-def save_checkpoint(obj, path):
-    """Write to a temporary file, flush it to disk, then rename: a crash at any moment leaves either
-    the old or the new checkpoint complete, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
+def save_checkpoint(obj, out_dir, keep_last):
+    """Write out_dir/ckpt-<step>.pt, point out_dir/ckpt.pt at it, keep the newest keep_last.
+
+    Every file is written under a temporary name, flushed to disk and then renamed (atomic), and old
+    checkpoints are pruned only after that: a crash at any moment leaves ckpt.pt complete, either the
+    old one or the new one, never a torn one."""
+    path = out_dir / f"ckpt-{obj['step']:07d}.pt"
+    tmp = out_dir / "ckpt.tmp"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    os.link(path, tmp)  # ckpt.pt: a second name for the same file, swapped in atomically
+    os.replace(tmp, out_dir / "ckpt.pt")
+    fd = os.open(out_dir, os.O_RDONLY)  # make the renames themselves durable
+    os.fsync(fd)
+    os.close(fd)
+    for old in sorted(out_dir.glob("ckpt-*.pt"))[:-keep_last]:
+        old.unlink()
+
+
+def load_checkpoint(path):
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: check --init_from / --out_dir")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a checkpoint at all
+        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}): resume from an older "
+                         f"ckpt-*.pt beside it (copy it to ckpt.pt) or start again") from None
 
 
 def drop_records_after(path, step):
@@ -299,7 +328,7 @@ def setup(args):
     n = args.batch_size * args.grad_accum
     if args.method == "midrank":
         reweight.midrank_counts(n, args.skip, args.keep)
-    for flag in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_samples"):
+    for flag in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_samples", "keep_last"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.max_iters < 0:
@@ -313,6 +342,8 @@ def setup(args):
     train_data = load_split(data_dir, "train", args.block_size)
     val_data = load_split(data_dir, "val", args.block_size)
     n_train = len(train_data["start"])
+    if n_train == 0:
+        raise ValueError(f"no training samples in {data_dir}: its train split is empty; prepare more documents")
     if n > n_train:
         raise ValueError(f"effective batch of {n} samples exceeds the {n_train} training samples: "
                          f"lower --batch_size or --grad_accum")
@@ -324,11 +355,13 @@ def setup(args):
     torch.manual_seed(args.seed)  # the model's initialisation (from scratch) and dropout
     if args.init_from != "scratch":  # one of our own runs: this one (resume) or an earlier one
         ckpt_path = out_dir / "ckpt.pt" if args.init_from == "resume" else Path(args.init_from) / "ckpt.pt"
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"no checkpoint at {ckpt_path}: check --init_from / --out_dir")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
+        ckpt = load_checkpoint(ckpt_path)
+        try:
+            model = GPT(GPTConfig(**ckpt["model_args"]))
+            model.load_state_dict(ckpt["model"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{ckpt_path} is not a checkpoint of this code's GPT ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120]}): pass a train.py out_dir") from None
         if ckpt.get("tokenizer") != tokenizer_id(meta):
             raise ValueError(f"{ckpt_path} was trained on {ckpt.get('tokenizer')} tokens but {data_dir} holds "
                              f"{tokenizer_id(meta)} tokens: prepare the data with the model's tokenizer")
@@ -422,6 +455,18 @@ def main(argv=None):
           f"effective batch {n} = {args.batch_size} x {args.grad_accum} | {device} {dtype}")
 
     val_loss, last_eval = None, (step if args.init_from == "resume" else None)
+    def checkpoint(step, val_loss):
+        save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                             scaler=scaler.state_dict(), model_args=asdict(raw_model.config), args=vars(args),
+                             step=step, val_loss=val_loss, tokenizer=tokenizer_id(train_data["meta"]),
+                             rng=dict(torch=torch.get_rng_state(),
+                                      cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)),
+                        out_dir, args.keep_last)
+
+    # a pre-empted or interrupted run finishes its step, checkpoints it and exits 0 (see the loop)
+    stop_signal = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     peak = peak_flops(device, dtype)
     # model FLOPs per token of a training step (forward + backward = 3 x forward): 6 per parameter plus
     # attention's 12 * layers * width * context (the PaLM appendix's count)
@@ -433,14 +478,13 @@ def main(argv=None):
             val_loss = evaluate(model, val_data, eval_set, args.batch_size, args.block_size, device, ctx)
             log(dict(type="eval", step=step, val_loss=val_loss), f"==> step {step}: val loss {val_loss:.4f}")
             if step > 0:
-                save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                     scaler=scaler.state_dict(), model_args=asdict(raw_model.config), args=vars(args),
-                                     step=step, val_loss=val_loss,
-                                     tokenizer=tokenizer_id(train_data["meta"]),
-                                     rng=dict(torch=torch.get_rng_state(),
-                                              cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)),
-                                out_dir / "ckpt.pt")
+                checkpoint(step, val_loss)
         if step >= args.max_iters:
+            break
+        if stop_signal:  # SIGTERM / SIGINT arrived during the last step: save it, then leave cleanly
+            checkpoint(step, val_loss)
+            print(f"stopped by {signal.Signals(stop_signal[0]).name} after step {step}: checkpoint saved in "
+                  f"{out_dir}; continue with --init_from resume")
             break
 
         t0 = time.time()
@@ -483,6 +527,8 @@ def main(argv=None):
                                            doc=docs.tolist())) + "\n")
         weights_file.flush()
         step += 1
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     log_file.close()
     weights_file.close()
     export(raw_model, args, out_dir / "hf")

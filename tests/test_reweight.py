@@ -116,3 +116,42 @@ def test_unknown_method():
 def test_effective_sample_size():
     assert reweight.effective_sample_size(torch.full((10,), 0.1)) == pytest.approx(10)
     assert reweight.effective_sample_size(torch.tensor([0.0, 1.0, 0.0])) == pytest.approx(1)
+
+
+# --- properties, over many random inputs (hypothesis) ---------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import assume, given, settings, strategies as st  # noqa: E402
+
+loss_lists = st.lists(st.floats(0, 1e4, allow_nan=False, width=32), min_size=1, max_size=64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(loss_lists, st.floats(1e-3, 1e3), st.sampled_from(reweight.METHODS), st.floats(0, 1), st.floats(0, 1),
+       st.randoms(use_true_random=False))
+def test_weights_are_finite_nonnegative_sum_to_one_and_equivariant(losses, tau, method, skip, keep, rnd):
+    n = len(losses)
+    if method == "midrank":
+        assume(skip + keep <= 1 and math.floor(keep * n + 1e-9) >= 1)
+    l = torch.tensor(losses)
+    w = reweight.weights(l, method, tau=tau, skip=skip, keep=keep)
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    assert w.sum().item() == pytest.approx(1.0, abs=1e-5)
+    perm = list(range(n))
+    rnd.shuffle(perm)
+    wp = reweight.weights(l[perm], method, tau=tau, skip=skip, keep=keep)
+    if len(set(losses)) == n:  # ties may be broken either way; otherwise exactly equivariant
+        assert torch.allclose(wp, w[perm], atol=1e-6)
+    else:
+        assert torch.allclose(wp.sort().values, w.sort().values, atol=1e-6)
+    if method == "midrank":
+        assert (w > 0).sum().item() == min(math.floor(keep * n + 1e-9), n - math.floor(skip * n + 1e-9))
+
+
+@settings(max_examples=300, deadline=None)
+@given(loss_lists, st.floats(1e-3, 1e3))
+def test_irdro_is_monotone(losses, tau):
+    l = torch.tensor(losses)
+    w = reweight.irdro(l, tau)
+    order = torch.argsort(l)
+    assert (w[order].diff() >= -1e-7).all()  # a higher loss never gets a smaller weight

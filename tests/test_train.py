@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -249,3 +250,121 @@ def test_wandb_is_optional(tiny_flags, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_flags, "--out_dir", str(tmp_path / "o"),
                         "--wandb", "proj"], capture_output=True, text=True)
     assert p.returncode == 2 and "pip install wandb" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+# --- reliability: stop and resume, atomic checkpoints, bad input --------------------------
+
+def test_sigterm_saves_at_a_step_boundary_and_resume_is_exact(tiny_flags, tmp_path):
+    import signal
+    import time
+    common = [*tiny_flags, "--method", "irdro", "--max_iters", "60", "--warmup_iters", "5", "--eval_interval",
+              "1000", "--batch_size", "2", "--grad_accum", "2", "--dropout", "0.1"]  # cosine schedule, dropout
+    straight = run(common, tmp_path, "straight")["model"].state_dict()
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--out_dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (out / "weights.jsonl").exists() or len((out / "weights.jsonl").read_text().splitlines()) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by SIGTERM" in stdout
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    assert 3 <= stopped_at < 60
+    resumed = run(common, tmp_path, "stopped", "--init_from", "resume")["model"].state_dict()
+    for k, v in resumed.items():
+        assert torch.equal(v, straight[k]), k
+    assert read_jsonl(out / "weights.jsonl") == read_jsonl(tmp_path / "straight" / "weights.jsonl")
+
+
+KILL_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import train
+from pathlib import Path
+out = Path({out!r})
+step = {start}
+while True:  # checkpoints as fast as possible, until killed
+    step += 1
+    train.save_checkpoint(dict(step=step, model=dict(w=torch.full((1_000_000,), float(step)))), out, 2)
+"""
+
+
+def test_kill_9_at_any_moment_leaves_a_complete_checkpoint(tmp_path):
+    import os
+    import random
+    import time
+    rng = random.Random(0)
+    out = tmp_path / "ckpts"
+    out.mkdir()
+    train.save_checkpoint(dict(step=0, model=dict(w=torch.zeros(1_000_000))), out, 2)
+    last, torn = 0, 0
+    for _ in range(20):
+        inode = os.stat(out / "ckpt.pt").st_ino
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), out=str(out), start=last)])
+        while os.stat(out / "ckpt.pt").st_ino == inode:  # wait until it is writing checkpoints in a loop
+            time.sleep(0.005)
+        time.sleep(rng.random() * 0.2)  # then kill it at a random moment
+        proc.kill()
+        proc.wait()
+        torn += (out / "ckpt.tmp").exists()  # killed in the middle of a write
+        ckpt = torch.load(out / "ckpt.pt", weights_only=False)  # the latest complete one, never torn
+        assert torch.equal(ckpt["model"]["w"], torch.full((1_000_000,), float(ckpt["step"])))
+        assert ckpt["step"] > last
+        last = ckpt["step"]
+        assert len(list(out.glob("ckpt-*.pt"))) <= 3  # keep_last 2, plus at most one not yet pruned
+    assert torn >= 3  # the kills did land while checkpoints were being written
+
+
+def test_keep_last_prunes_old_checkpoints(tiny_flags, tmp_path):
+    run(tiny_flags, tmp_path, "k", "--max_iters", "8", "--eval_interval", "2", "--keep_last", "2")
+    assert sorted(p.name for p in (tmp_path / "k").glob("ckpt*.pt")) == ["ckpt-0000006.pt", "ckpt-0000008.pt",
+                                                                         "ckpt.pt"]
+    assert torch.load(tmp_path / "k" / "ckpt.pt", weights_only=False)["step"] == 8
+
+
+def test_non_finite_losses_skip_the_step_and_name_the_documents(tiny_flags, tmp_path, monkeypatch, capsys):
+    original = train.forward_backward
+    calls = []
+
+    def poisoned(*a, **kw):  # the second step's first sample goes bad
+        losses, w = original(*a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            losses = losses.clone()
+            losses[0] = math.nan
+        return losses, w
+
+    one = run(tiny_flags, tmp_path, "one", "--max_iters", "1", "--schedule", "constant", "--warmup_iters", "0")
+    monkeypatch.setattr(train, "forward_backward", poisoned)
+    two = run(tiny_flags, tmp_path, "two", "--max_iters", "2", "--schedule", "constant", "--warmup_iters", "0")
+    assert "non-finite loss in documents [" in capsys.readouterr().err
+    for k, v in two["model"].state_dict().items():  # the bad step changed nothing
+        assert torch.equal(v, one["model"].state_dict()[k]), k
+
+
+def bad_run(tiny_flags, tmp_path, *flags):
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_flags, "--out_dir", str(tmp_path / "o"),
+                        *flags], capture_output=True, text=True)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("train.py: error:"), p.stderr
+    return lines[0]
+
+
+def test_more_bad_input(tiny_flags, tiny_data, tmp_path):
+    assert "invalid choice: 'focal'" in bad_run(tiny_flags, tmp_path, "--method", "focal")
+    assert "tau" in bad_run(tiny_flags, tmp_path, "--tau", "inf")
+    (tmp_path / "afile").write_text("")
+    assert "afile" in bad_run(tiny_flags, tmp_path, "--out_dir", str(tmp_path / "afile" / "run"))
+    run(tiny_flags, tmp_path, "r", "--max_iters", "1")
+    (tmp_path / "r" / "ckpt.pt").write_bytes(b"truncated")
+    msg = bad_run(tiny_flags, tmp_path, "--out_dir", str(tmp_path / "r"), "--init_from", "resume")
+    assert "ckpt.pt is truncated or corrupt" in msg
+    torch.save({"model_args": {"n_layer": 1}, "model": {}}, tmp_path / "r" / "ckpt.pt")
+    assert "not a checkpoint" in bad_run(tiny_flags, tmp_path, "--init_from", str(tmp_path / "r"))
+    empty = tmp_path / "empty"
+    shutil.copytree(tiny_data, empty)
+    np.savez(empty / "train_docs.npz", offsets=np.zeros(1, dtype=np.int64), ids=np.zeros(0, dtype=np.int64))
+    assert "no training samples" in bad_run(tiny_flags, tmp_path, "--data", str(empty))
+    run(tiny_flags, tmp_path, "b32", "--max_iters", "1")  # a longer context than the checkpoint's positions
+    assert "exceeds the model's 32 positions" in bad_run(tiny_flags, tmp_path, "--init_from", str(tmp_path / "b32"),
+                                                         "--block_size", "64")
