@@ -389,7 +389,12 @@ def setup(args):
             import wandb  # noqa: F401  (optional: never required)
         except ImportError:
             raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".writable").touch()
+        (out_dir / ".writable").unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to --out_dir {out_dir} ({e.strerror}): choose a writable folder") from None
     return train_data, val_data, model, ckpt
 
 
@@ -502,8 +507,11 @@ def main(argv=None):
             if args.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # float16: skipped by the scaler if a gradient overflowed ...
+            scaler.update()  # ... which then halves the loss scale and tries again next step
+            if scaler.get_scale() < scale:
+                print(f"step {step}: float16 gradient overflow, step skipped, loss scale now {scaler.get_scale():g}")
         else:  # one corrupt sample must not poison the model: drop this step, keep going
             bad = docs[~torch.isfinite(losses).numpy()].tolist()
             print(f"step {step}: non-finite loss in documents {bad}: step skipped", file=sys.stderr)

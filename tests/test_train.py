@@ -353,8 +353,9 @@ def bad_run(tiny_flags, tmp_path, *flags):
 def test_more_bad_input(tiny_flags, tiny_data, tmp_path):
     assert "invalid choice: 'focal'" in bad_run(tiny_flags, tmp_path, "--method", "focal")
     assert "tau" in bad_run(tiny_flags, tmp_path, "--tau", "inf")
+    assert "cannot find" in bad_run(tiny_flags, tmp_path, "--pretrained", str(tmp_path / "no_such_model"))
     (tmp_path / "afile").write_text("")
-    assert "afile" in bad_run(tiny_flags, tmp_path, "--out_dir", str(tmp_path / "afile" / "run"))
+    assert "cannot write to --out_dir" in bad_run(tiny_flags, tmp_path, "--out_dir", str(tmp_path / "afile" / "run"))
     run(tiny_flags, tmp_path, "r", "--max_iters", "1")
     (tmp_path / "r" / "ckpt.pt").write_bytes(b"truncated")
     msg = bad_run(tiny_flags, tmp_path, "--out_dir", str(tmp_path / "r"), "--init_from", "resume")
@@ -368,3 +369,17 @@ def test_more_bad_input(tiny_flags, tiny_data, tmp_path):
     run(tiny_flags, tmp_path, "b32", "--max_iters", "1")  # a longer context than the checkpoint's positions
     assert "exceeds the model's 32 positions" in bad_run(tiny_flags, tmp_path, "--init_from", str(tmp_path / "b32"),
                                                          "--block_size", "64")
+
+
+def test_float16_recovers_from_gradient_overflow(tiny_flags, tmp_path, monkeypatch, capsys):
+    init = torch.amp.GradScaler.__init__
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__",  # start far too high: the first steps overflow
+                        lambda self, *a, **kw: init(self, *a, **{**kw, "init_scale": 2.0 ** 26}))
+    run(tiny_flags, tmp_path, "fp16", "--dtype", "float16", "--max_iters", "16", "--eval_interval", "16",
+        "--batch_size", "4", "--grad_accum", "1", "--lr", "3e-3", "--warmup_iters", "0")
+    out = capsys.readouterr().out
+    assert "gradient overflow, step skipped" in out
+    ckpt = torch.load(tmp_path / "fp16" / "ckpt.pt", weights_only=False)
+    assert ckpt["scaler"]["scale"] < 2.0 ** 26
+    evals = [r["val_loss"] for r in read_jsonl(tmp_path / "fp16" / "log.jsonl") if r["type"] == "eval"]
+    assert evals[-1] < evals[0] - 0.05  # once the scale came down, it trained
