@@ -17,6 +17,12 @@ Output, in <out_dir>:
     titles.json           source records' "title" field, indexed by source id (only if the records have one)
     meta.json             tokenizer, counts and flags; written last, so a dir without it is unfinished
 The split is by document (not by token), so a document's loss can be followed through training.
+
+--format instruct: instruction tuning data (Alpaca-style `instruction`/`input`/`output` records, or chat
+`messages`); each example is one document [bos] + prompt + response + [eos], and beside the tokens
+    {train,val}_mask.bin  uint8, one byte a token: 1 where the token is a target (response tokens and the closing
+                          eos), 0 for the bos and the prompt; train.py then computes the loss on the response only
+See instruct_prompt() for the template and truncate() for the --max_len rule.
 """
 import argparse
 import base64
@@ -148,7 +154,7 @@ def hub_snapshot(name):
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=TOKENIZER_FILES))
+        return Path(snapshot_download(name, allow_patterns=TOKENIZER_FILES + ["chat_template.jinja"]))
     except Exception as e:  # offline, no such repo, gated, ...: one message, as the fix is the same
         raise DataError(f"could not download the tokenizer of {name!r} from the Hugging Face hub "
                         f"({type(e).__name__}); download the checkpoint where there is a network and pass its "
@@ -361,8 +367,11 @@ def looks_local(dataset):
             or kind(dataset) is not None)
 
 
-def load_texts(dataset, text_field, split, sample_by, max_docs):
-    """Source records -> (texts, titles or None); position in the lists is the document's source id."""
+def load_texts(dataset, text_field, split, sample_by, max_docs, records=False):
+    """Source records -> (texts, titles or None); position in the lists is the document's source id.
+    records=True: the records themselves (a list of dicts) instead, for --format instruct."""
+    if dataset is None and records:
+        return demo_instruct_records()[:max_docs]
     if dataset is None:
         # our own jsonl.gz: read it directly, so the default path needs neither datasets nor its cache
         with gzip.open(EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
@@ -377,7 +386,7 @@ def load_texts(dataset, text_field, split, sample_by, max_docs):
         except Exception as e:
             raise DataError(f"could not load hub dataset {dataset!r} split {split!r} ({type(e).__name__}: {e}); "
                             "offline, pass a local file or folder instead") from e
-        return pick_ds(ds, text_field, max_docs, dataset)
+        return pick_ds(ds, text_field, max_docs, dataset, records)
     kw = {"sample_by": sample_by} if builder == "text" else {}
     # quiet while reading local files (a failure comes back to us as one exception), then as it was;
     # a throwaway cache, as a local file can change under the same name, and nothing piles up in ~/.cache
@@ -391,16 +400,18 @@ def load_texts(dataset, text_field, split, sample_by, max_docs):
             except Exception as e:
                 e = e.__cause__ or e  # datasets wraps the parser's error, which is the useful one
                 raise DataError(f"could not read {dataset!r} as {builder}: {type(e).__name__}: {e}") from e
-            return pick_ds(ds, text_field, max_docs, dataset)  # copies the columns out before the cache goes
+            return pick_ds(ds, text_field, max_docs, dataset, records)  # copies the columns out before the cache goes
     finally:
         datasets.logging.set_verbosity(verbosity)
         if bars:
             datasets.enable_progress_bars()
 
 
-def pick_ds(ds, text_field, max_docs, dataset):
+def pick_ds(ds, text_field, max_docs, dataset, records=False):
     if max_docs is not None:
         ds = ds.select(range(min(max_docs, len(ds))))
+    if records:
+        return ds.to_list()
     return pick(ds.column_names, lambda k: list(ds[k]), text_field, dataset)
 
 
@@ -436,9 +447,15 @@ def write_npz(path, **arrays):
 
 
 def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, seed=1337, split="train",
-            sample_by="document", max_docs=None, tokenizer="gpt2"):
+            sample_by="document", max_docs=None, tokenizer="gpt2", format="text", max_len=512, chat_template=False):
     """Tokenize a corpus into out_dir (see the top of this file); returns out_dir.
-    tokenizer: "gpt2", a checkpoint folder or hub name (see load_tokenizer), or a DocTokenizer."""
+    tokenizer: "gpt2", a checkpoint folder or hub name (see load_tokenizer), or a DocTokenizer.
+    format: "text" (documents) or "instruct" (instruction/response examples, see prepare_instruct)."""
+    if format == "instruct":
+        return prepare_instruct(dataset, out_dir, val_fraction, seed, split, max_docs, tokenizer, max_len,
+                                chat_template)
+    if format != "text":
+        raise DataError(f"format must be text or instruct, got {format!r}")
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if sample_by not in ("document", "paragraph", "line"):
@@ -499,6 +516,210 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
     return out_dir
 
 
+# ---- instruction tuning (--format instruct)
+#
+# Our plain template (one for both record shapes; empty sections are left out):
+#   Alpaca:  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"   + response
+#   chat:    "### System:\n{content}\n\n### User:\n{content}\n\n" ... "### Assistant:\n"  + response
+# (chat: the last assistant message is the response, every message before it is the prompt, later ones are
+# ignored). With --chat_template the checkpoint's own template renders the same conversation instead (Alpaca
+# records become one user message: instruction, a blank line, input). Prompt and response are tokenized
+# separately, so the boundary between them is exact: document = [bos] + prompt + response + [eos].
+
+def instruct_messages(record):
+    """A record -> (prompt messages, response text), or None where it holds no response."""
+    if "messages" in record and record["messages"] is not None:
+        msgs = list(record["messages"])
+        last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
+        if last is None or not str(msgs[last].get("content") or "").strip():
+            return None
+        return [{"role": m["role"], "content": str(m.get("content") or "")} for m in msgs[:last]], \
+            str(msgs[last]["content"])
+    output = record.get("output")
+    if not isinstance(output, str) or not output.strip():
+        return None
+    user = str(record.get("instruction") or "")
+    if record.get("input"):
+        user += "\n\n" + str(record["input"])
+    return [{"role": "user", "content": user}], output
+
+
+def plain_prompt(record, messages):
+    """Our template (see above)."""
+    if "messages" not in record or record["messages"] is None:
+        text = f"### Instruction:\n{record.get('instruction') or ''}\n\n"
+        if record.get("input"):
+            text += f"### Input:\n{record['input']}\n\n"
+        return text + "### Response:\n"
+    return "".join(f"### {m['role'].title()}:\n{m['content']}\n\n" for m in messages) + "### Assistant:\n"
+
+
+def chat_template_renderer(tokenizer, tok):
+    """The checkpoint's chat template, rendered with jinja2 as transformers renders it:
+    (prompt messages, response) -> (prompt text, response text)."""
+    if tokenizer == "gpt2" or isinstance(tokenizer, DocTokenizer):
+        raise DataError("--chat_template needs --tokenizer <checkpoint folder or hub name> with a chat template")
+    path = Path(tokenizer).expanduser()
+    folder = path if path.is_dir() else hub_snapshot(str(tokenizer))
+    template = read_json(folder / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not template and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if not template:
+        raise DataError(f"{tokenizer} has no chat template (tokenizer_config.json has no chat_template); "
+                        "drop --chat_template to use our plain ### template")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise DataError(f"chat template of {tokenizer}: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    compiled = env.from_string(template)
+    bos, eos = tok.decode([tok.bos]), tok.decode([tok.eos])
+
+    def render(messages, response):
+        kw = dict(bos_token=bos, eos_token=eos)
+        prompt = compiled.render(messages=messages, add_generation_prompt=True, **kw)
+        full = compiled.render(messages=messages + [{"role": "assistant", "content": response}],
+                               add_generation_prompt=False, **kw)
+        if not full.startswith(prompt):
+            raise DataError(f"chat template of {tokenizer}: the conversation does not start with its prompt; "
+                            "drop --chat_template to use our plain ### template")
+        reply = full[len(prompt):]
+        prompt = prompt[len(bos):] if bos and prompt.startswith(bos) else prompt  # our own bos comes first
+        if eos and reply.rstrip().endswith(eos):  # our own eos closes the response
+            reply = reply.rstrip()[:-len(eos)]
+        return prompt, reply
+    return render
+
+
+def truncate(prompt, response, max_len):
+    """[bos] + prompt + response + [eos] in at most max_len tokens: the response and eos are kept whole and the
+    prompt is cut from the left; if the response with bos and eos alone does not fit, the prompt goes entirely
+    and the response keeps its first max_len - 1 tokens (no eos). -> (prompt, response, eos?, truncated?);
+    response is empty (drop the example) when nothing of it remains."""
+    if 2 + len(prompt) + len(response) <= max_len:
+        return prompt, response, True, False
+    if 2 + len(response) <= max_len:
+        keep = max_len - 2 - len(response)
+        return prompt[len(prompt) - keep:], response, True, True
+    return prompt[:0], response[:max_len - 1], False, True
+
+
+def demo_instruct_records(seed=1337):
+    """A small offline instruction set from the embedded Shakespeare scenes, the same every time: for each scene,
+    "Which play is this passage from?" (input: 4 consecutive lines; output: the play) and "Continue this speech."
+    (input: 3 lines; output: the next 2)."""
+    import random
+
+    with gzip.open(EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
+        scenes = [json.loads(line) for line in f]
+    rng = random.Random(seed)
+    out = []
+    for scene in scenes:
+        lines = [x.strip() for x in scene["text"].splitlines() if len(x.strip()) > 20]
+        play = scene["title"].rsplit(" ", 1)[0]
+        if len(lines) < 8 or scene["title"].endswith(" 0.0"):  # 0.0: the list of persons, no speech
+            continue
+        for _ in range(2):
+            i = rng.randrange(len(lines) - 4)
+            out.append({"instruction": "Which play is this passage from?", "input": "\n".join(lines[i:i + 4]),
+                        "output": play, "title": scene["title"]})
+            i = rng.randrange(len(lines) - 5)
+            out.append({"instruction": "Continue this speech.", "input": "\n".join(lines[i:i + 3]),
+                        "output": "\n".join(lines[i + 3:i + 5]), "title": scene["title"]})
+    return out
+
+
+def prepare_instruct(dataset, out_dir, val_fraction, seed, split, max_docs, tokenizer, max_len, chat_template):
+    """--format instruct: records -> [bos] + prompt + response + [eos] documents and their target masks."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if max_docs is not None and max_docs < 2:
+        raise DataError(f"max_docs must be at least 2 (one train and one val example), got {max_docs}")
+    if max_len < 2:
+        raise DataError(f"max_len must be at least 2 (bos and one response token), got {max_len}")
+    tok = tokenizer if isinstance(tokenizer, DocTokenizer) else load_tokenizer(tokenizer)
+    render = chat_template_renderer(tokenizer, tok) if chat_template else None
+    if out_dir is None:
+        suffix = "" if tok.name == "gpt2" else "-" + Path(tok.name).name
+        out_dir = REPO / "data" / (default_name(dataset) + "-instruct" + suffix)
+    out_dir = Path(out_dir)
+    records = load_texts(dataset, None, split, "document", max_docs, records=True)
+    if records and not any(("messages" in r) or ("instruction" in r and "output" in r) for r in records[:1]):
+        raise DataError(f"records of {dataset!r} have neither instruction/output nor messages fields "
+                        f"(fields: {sorted(records[0])}); pass Alpaca-style or chat data")
+
+    prompts, responses, keep = [], [], []
+    for i, r in enumerate(records):
+        parsed = instruct_messages(r)
+        if parsed is None:
+            continue
+        messages, response = parsed
+        prompt, response = render(messages, response) if render else (plain_prompt(r, messages), response)
+        prompts.append(prompt)
+        responses.append(response)
+        keep.append(i)
+    ptoks = tok._encode_batch(prompts) if prompts else []
+    rtoks = tok._encode_batch(responses) if responses else []
+    tokens, masks, n_trunc, kept = {}, {}, 0, []
+    for i, p, r in zip(keep, ptoks, rtoks):
+        p, r, eos, cut = truncate(p, r, max_len)
+        if not r:
+            continue
+        n_trunc += cut
+        tokens[i] = [tok.bos] + p + r + ([tok.eos] if eos else [])
+        masks[i] = [0] * (1 + len(p)) + [1] * (len(r) + eos)
+        kept.append(i)
+    dropped = len(records) - len(kept)
+    n_val = max(1, round(val_fraction * len(kept)))
+    if len(kept) - n_val < 1:
+        raise DataError(f"{len(kept)} usable example(s) cannot be split into train and val; give more examples")
+    perm = np.random.default_rng(seed).permutation(len(kept))
+    val_ids = sorted(kept[j] for j in perm[:n_val])
+    train_ids = sorted(kept[j] for j in perm[n_val:])
+    dtype = token_dtype(tok.vocab_size)
+    top = max(max(ids) for ids in tokens.values())
+    if top >= tok.vocab_size:
+        raise DataError(f"tokenizer {tok.name!r} produced id {top} but the model's vocab_size is {tok.vocab_size}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    meta = {"tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
+            "bos": tok.bos, "eot": tok.eos, "dtype": dtype.name, "format": "instruct", "max_len": max_len,
+            "template": "chat_template" if chat_template else "plain",
+            "source": "embedded:shakespeare-instruct" if dataset is None else dataset,
+            "val_fraction": val_fraction, "seed": seed, "max_docs": max_docs, "source_docs": len(records),
+            "truncated": n_trunc, "dropped": dropped}
+    for name, ids in (("train", train_ids), ("val", val_ids)):
+        docs = [np.array(tokens[i], dtype=dtype) for i in ids]
+        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        np.cumsum([len(d) for d in docs], out=offsets[1:])
+        write_atomic(out_dir / f"{name}.bin", lambda p: np.concatenate(docs).tofile(p))
+        write_atomic(out_dir / f"{name}_mask.bin",
+                     lambda p: np.concatenate([np.array(masks[i], dtype=np.uint8) for i in ids]).tofile(p))
+        write_atomic(out_dir / f"{name}_docs.npz",
+                     lambda p: write_npz(p, offsets=offsets, ids=np.array(ids, dtype=np.int64)))
+        meta[name] = {"docs": len(docs), "tokens": int(offsets[-1]),
+                      "targets": int(sum(sum(masks[i]) for i in ids))}
+    if records and "title" in records[0]:
+        titles = ["" if r.get("title") is None else str(r["title"]) for r in records]
+        write_atomic(out_dir / "titles.json", lambda p: p.write_text(json.dumps(titles) + "\n"))
+        meta["titles"] = "titles.json"
+    else:
+        (out_dir / "titles.json").unlink(missing_ok=True)
+    write_atomic(out_dir / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+
+    print(f"prepared {meta['source']} (instruct, max_len {max_len}) -> {out_dir}")
+    for name in ("train", "val"):
+        print(f"  {name:5s} {meta[name]['docs']:7,d} examples {meta[name]['tokens']:12,d} tokens "
+              f"{meta[name]['targets']:12,d} targets")
+    print(f"  truncated {n_trunc:,d} examples, dropped {dropped:,d} (no response left)")
+    return out_dir
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -514,6 +735,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="seed of the document shuffle that picks val")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2 (tiktoken, offline), or the tokenizer of a pretrained "
                    "checkpoint: its local folder, or its hub name (downloads only the tokenizer files)")
+    p.add_argument("--format", default="text", choices=["text", "instruct"], help="text: documents; instruct: "
+                   "instruction/response records (Alpaca-style or chat messages), loss on the response only; "
+                   "with no --dataset, a small instruction set built from the embedded Shakespeare scenes")
+    p.add_argument("--max_len", type=int, default=512, help="instruct: most tokens per example, bos..eos; longer "
+                   "prompts are cut from the left, then over-long responses at the end")
+    p.add_argument("--chat_template", action="store_true", help="instruct: render prompts with the checkpoint's "
+                   "own chat template (tokenizer_config.json) instead of our plain ### template")
     args = p.parse_args(argv)
     try:
         prepare(**vars(args))

@@ -122,9 +122,18 @@ def get_args(argv=None, parser=None):
 
 def load_split(data_dir, split, block_size):
     """A split as a table of samples. A document of L tokens has L-1 targets; it is cut into
-    consecutive chunks of at most block_size targets, so no sample crosses a document boundary."""
+    consecutive chunks of at most block_size targets, so no sample crosses a document boundary.
+    Instruction data (prepare_data.py --format instruct): one example is one sample, never chunked, and its
+    mask (1 = target) keeps the prompt out of the loss."""
     meta = json.loads((data_dir / "meta.json").read_text())
     tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
+    mask = None
+    if meta.get("format") == "instruct":
+        if meta["max_len"] - 1 > block_size:
+            raise ValueError(f"{data_dir} holds instruction examples of up to {meta['max_len']} tokens, which must "
+                             f"not be chunked: re-prepare with --max_len {block_size + 1} (or less) or raise "
+                             f"--block_size to {meta['max_len'] - 1}")
+        mask = np.memmap(data_dir / f"{split}_mask.bin", dtype=np.uint8, mode="r")
     docs = np.load(data_dir / f"{split}_docs.npz")
     offsets, ids = docs["offsets"], docs["ids"]
     n_targets = np.maximum(np.diff(offsets) - 1, 0)
@@ -133,7 +142,7 @@ def load_split(data_dir, split, block_size):
     chunk = np.arange(len(d)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
     start = offsets[d] + chunk * block_size
     end = np.minimum(start + block_size + 1, offsets[d + 1])  # tokens [start, end) of the sample
-    return dict(tokens=tokens, start=start, end=end, doc=ids[d], meta=meta)
+    return dict(tokens=tokens, start=start, end=end, doc=ids[d], meta=meta, mask=mask)
 
 
 def get_batch(data, samples, block_size, device):
@@ -145,6 +154,9 @@ def get_batch(data, samples, block_size, device):
     for row, s in enumerate(samples):
         seq = data["tokens"][data["start"][s]:data["end"][s]].astype(np.int64)
         x[row, :len(seq) - 1], y[row, :len(seq) - 1] = seq[:-1], seq[1:]
+        if data.get("mask") is not None:  # instruction data: only response tokens (and the eos) are targets
+            target = data["mask"][data["start"][s] + 1:data["end"][s]]
+            y[row, :len(seq) - 1][target == 0] = IGNORE_INDEX
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
