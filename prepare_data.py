@@ -446,6 +446,22 @@ def write_npz(path, **arrays):
                 np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
 
 
+def write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks=None):
+    """{split}.bin, {split}_docs.npz (and {split}_mask.bin for instruction data); counts go into meta."""
+    for name, ids in (("train", train_ids), ("val", val_ids)):
+        docs = [np.array(tokens[i], dtype=dtype) for i in ids]
+        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        np.cumsum([len(d) for d in docs], out=offsets[1:])
+        write_atomic(out_dir / f"{name}.bin", lambda p: np.concatenate(docs).tofile(p))
+        write_atomic(out_dir / f"{name}_docs.npz",
+                     lambda p: write_npz(p, offsets=offsets, ids=np.array(ids, dtype=np.int64)))
+        meta[name] = {"docs": len(docs), "tokens": int(offsets[-1])}
+        if masks is not None:
+            write_atomic(out_dir / f"{name}_mask.bin",
+                         lambda p: np.concatenate([np.array(masks[i], dtype=np.uint8) for i in ids]).tofile(p))
+            meta[name]["targets"] = int(sum(sum(masks[i]) for i in ids))
+
+
 def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, seed=1337, split="train",
             sample_by="document", max_docs=None, tokenizer="gpt2", format="text", max_len=512, chat_template=False):
     """Tokenize a corpus into out_dir (see the top of this file); returns out_dir.
@@ -494,14 +510,7 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
             "source": "embedded:shakespeare" if dataset is None else dataset, "text_field": text_field,
             "val_fraction": val_fraction, "seed": seed, "sample_by": sample_by, "max_docs": max_docs,
             "source_docs": len(texts), "empty_docs_dropped": len(texts) - len(keep)}
-    for name, ids in (("train", train_ids), ("val", val_ids)):
-        docs = [np.array(tokens[i], dtype=dtype) for i in ids]
-        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-        np.cumsum([len(d) for d in docs], out=offsets[1:])
-        write_atomic(out_dir / f"{name}.bin", lambda p: np.concatenate(docs).tofile(p))
-        write_atomic(out_dir / f"{name}_docs.npz",
-                     lambda p: write_npz(p, offsets=offsets, ids=np.array(ids, dtype=np.int64)))
-        meta[name] = {"docs": len(docs), "tokens": int(offsets[-1])}
+    write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids)
     if titles is not None:
         titles = ["" if t is None else str(t) for t in titles]
         write_atomic(out_dir / "titles.json", lambda p: p.write_text(json.dumps(titles) + "\n"))
@@ -693,17 +702,7 @@ def prepare_instruct(dataset, out_dir, val_fraction, seed, split, max_docs, toke
             "source": "embedded:shakespeare-instruct" if dataset is None else dataset,
             "val_fraction": val_fraction, "seed": seed, "max_docs": max_docs, "source_docs": len(records),
             "truncated": n_trunc, "dropped": dropped}
-    for name, ids in (("train", train_ids), ("val", val_ids)):
-        docs = [np.array(tokens[i], dtype=dtype) for i in ids]
-        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-        np.cumsum([len(d) for d in docs], out=offsets[1:])
-        write_atomic(out_dir / f"{name}.bin", lambda p: np.concatenate(docs).tofile(p))
-        write_atomic(out_dir / f"{name}_mask.bin",
-                     lambda p: np.concatenate([np.array(masks[i], dtype=np.uint8) for i in ids]).tofile(p))
-        write_atomic(out_dir / f"{name}_docs.npz",
-                     lambda p: write_npz(p, offsets=offsets, ids=np.array(ids, dtype=np.int64)))
-        meta[name] = {"docs": len(docs), "tokens": int(offsets[-1]),
-                      "targets": int(sum(sum(masks[i]) for i in ids))}
+    write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks)
     if records and "title" in records[0]:
         titles = ["" if r.get("title") is None else str(r["title"]) for r in records]
         write_atomic(out_dir / "titles.json", lambda p: p.write_text(json.dumps(titles) + "\n"))

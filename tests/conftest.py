@@ -78,3 +78,16 @@ def spm_dir(folder, model, **cfg):
     return folder
 
 
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_ckpt(tmp_path_factory, spm_model):
+    """A random 2-layer LLaMA checkpoint folder (GQA, vocab 800) with the sentencepiece tokenizer above."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    folder = spm_dir(tmp_path_factory.mktemp("llama") / "ckpt", spm_model)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=800, max_position_embeddings=64)).save_pretrained(folder)
+    return folder

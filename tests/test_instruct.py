@@ -163,14 +163,8 @@ def test_chat_template(tmp_path, spm_model):
                              chat_template=True)
 
 
-def test_pretrained_instruction_tuning_runs(tmp_path, spm_model):
-    transformers = pytest.importorskip("transformers")
-    from conftest import spm_dir
-    folder = spm_dir(tmp_path / "ckpt", spm_model)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=800, max_position_embeddings=64)).save_pretrained(folder)
+def test_pretrained_instruction_tuning_runs(tmp_path, tiny_llama_ckpt):
+    folder = tiny_llama_ckpt
     data = prepare_data.prepare(out_dir=tmp_path / "data", format="instruct", tokenizer=str(folder), max_len=33,
                                 max_docs=40, val_fraction=0.2)
     out = tmp_path / "run"

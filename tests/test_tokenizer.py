@@ -3,7 +3,6 @@
 Every fixture is built here, offline: GPT-2 / OPT byte-level BPE files rebuilt from the vendored GPT-2 ranks, and a
 tiny LLaMA-style sentencepiece model trained on the embedded Shakespeare. transformers' AutoTokenizer is the reference.
 """
-import gzip
 import json
 import os
 import subprocess

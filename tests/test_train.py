@@ -196,20 +196,12 @@ def test_compiled_model_gives_the_same_step_on_cpu():
 # --- continual training of a pretrained (Hugging Face) checkpoint ---------------------------
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, spm_model, tiny_data):
+def tiny_llama(tiny_llama_ckpt, tiny_data):
     """A random LLaMA checkpoint with its own sentencepiece tokenizer, and data prepared with it."""
-    transformers = pytest.importorskip("transformers")
-    from conftest import spm_dir
-    root = tmp_path_factory.mktemp("llama")
-    folder = spm_dir(root / "ckpt", spm_model)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=800, max_position_embeddings=64)).save_pretrained(folder)
     import prepare_data
-    data = prepare_data.prepare(dataset=str(tiny_data.parent / "docs.jsonl"), out_dir=root / "data",
-                                tokenizer=str(folder), val_fraction=0.2)
-    return folder, data
+    data = prepare_data.prepare(dataset=str(tiny_data.parent / "docs.jsonl"), out_dir=tiny_data.parent / "llama_data",
+                                tokenizer=str(tiny_llama_ckpt), val_fraction=0.2)
+    return tiny_llama_ckpt, data
 
 
 def test_pretrained_continual_training_runs_and_exports(tiny_llama, tmp_path):
