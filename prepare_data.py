@@ -446,6 +446,16 @@ def write_npz(path, **arrays):
                 np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
 
 
+def split_by_document(ids, val_fraction, seed, what, fix):
+    """A seeded shuffle of the source ids: val gets round(val_fraction * n) of them (at least 1), train the
+    rest; each split keeps source order."""
+    n_val = max(1, round(val_fraction * len(ids)))
+    if len(ids) - n_val < 1:
+        raise DataError(f"{len(ids)} {what} cannot be split into train and val; give {fix}")
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    return sorted(ids[j] for j in perm[n_val:]), sorted(ids[j] for j in perm[:n_val])
+
+
 def write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks=None):
     """{split}.bin, {split}_docs.npz (and {split}_mask.bin for instruction data); counts go into meta."""
     for name, ids in (("train", train_ids), ("val", val_ids)):
@@ -488,13 +498,8 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
 
     # empty documents would be a lone bos token: nothing to learn from, so drop them (and count them)
     keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
-    n_val = max(1, round(val_fraction * len(keep)))
-    if len(keep) - n_val < 1:
-        raise DataError(f"{len(keep)} non-empty document(s) cannot be split into train and val; "
-                        "give a corpus with more documents (or --sample_by paragraph for one text file)")
-    perm = np.random.default_rng(seed).permutation(len(keep))
-    val_ids = sorted(keep[j] for j in perm[:n_val])  # sorted: within a split, source order
-    train_ids = sorted(keep[j] for j in perm[n_val:])
+    train_ids, val_ids = split_by_document(keep, val_fraction, seed, "non-empty document(s)",
+                                           "a corpus with more documents (or --sample_by paragraph for one text file)")
 
     # each document as [bos] + tokens (GPT-2: <|endoftext|>); the bos makes the first real token a target too
     dtype = token_dtype(tok.vocab_size)
@@ -683,12 +688,7 @@ def prepare_instruct(dataset, out_dir, val_fraction, seed, split, max_docs, toke
         masks[i] = [0] * (1 + len(p)) + [1] * (len(r) + eos)
         kept.append(i)
     dropped = len(records) - len(kept)
-    n_val = max(1, round(val_fraction * len(kept)))
-    if len(kept) - n_val < 1:
-        raise DataError(f"{len(kept)} usable example(s) cannot be split into train and val; give more examples")
-    perm = np.random.default_rng(seed).permutation(len(kept))
-    val_ids = sorted(kept[j] for j in perm[:n_val])
-    train_ids = sorted(kept[j] for j in perm[n_val:])
+    train_ids, val_ids = split_by_document(kept, val_fraction, seed, "usable example(s)", "more examples")
     dtype = token_dtype(tok.vocab_size)
     top = max(max(ids) for ids in tokens.values())
     if top >= tok.vocab_size:
