@@ -4,11 +4,12 @@ Train a GPT with per-sample losses reweighted by ERM, MidRanking or IR-DRO.
     python train.py --method irdro --tau 1.0              # the default corpus, prepared if missing
     python train.py --method midrank --skip 0.125 --keep 0.5
     python train.py --init_from out/erm --method irdro    # continual training from an earlier run
+    torchrun --nproc_per_node 8 train.py --method irdro   # data parallel (DDP); add --fsdp to shard
 
-Every optimizer step sees an effective batch of n = batch_size * grad_accum samples (documents or
-chunks of documents). reweight.py turns their detached losses l_1..l_n into weights w_1..w_n and the
-step descends sum_i w_i l_i. The weights are those of the *whole* effective batch, exactly, while
-only one micro-batch's graph is alive at a time (see forward_backward).
+Every optimizer step sees an effective batch of n = batch_size * grad_accum * world_size samples
+(documents or chunks of documents). reweight.py turns their detached losses l_1..l_n into weights
+w_1..w_n and the step descends sum_i w_i l_i. The weights are those of the *whole* effective batch,
+across all processes, exactly, while only one micro-batch's graph is alive at a time (see forward_backward).
 """
 
 import argparse
@@ -26,6 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 
 import prepare_data
 import reweight
@@ -104,6 +109,8 @@ def build_parser(description=__doc__):
       help="auto: bfloat16 where supported, float16 (with loss scaling) on older GPUs, float32 on CPU")
     a("--compile", action=argparse.BooleanOptionalAction, default="auto",
       help="torch.compile the model; auto: on for CUDA")
+    a("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer state "
+      "over the processes (FSDP2) instead of replicating them (DDP)")
     return p
 
 
@@ -177,11 +184,49 @@ def step_samples(seed, step, n, n_samples):
 
 
 # -----------------------------------------------------------------------------
+# processes: torchrun starts one per GPU; one process is rank 0 of a world of 1
+
+def world():
+    """(rank, world size) of this process; (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_max(t):
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_sum(t):
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def all_cat(t):
+    """The tensors of all ranks, concatenated in rank order."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def grad_sync(model, last):
+    """DDP all-reduces gradients in a backward pass unless it runs under no_sync (forward included), so
+    the micro-batches of a step accumulate locally and only the last one communicates. FSDP has no
+    no_sync here on purpose: it reduce-scatters every micro-batch, which keeps gradients sharded."""
+    return nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+
+
+# -----------------------------------------------------------------------------
 # one optimizer step's forward and backward passes
 
 def forward_backward(model, batches, method, tau, skip, keep, ctx, scale=lambda loss: loss):
     """Leave grad = d/dtheta sum_i w_i l_i in the parameters, with w computed by reweight.py from
-    the losses of ALL micro-batches in `batches` (the effective batch). Returns (losses, weights).
+    the losses of ALL micro-batches of the effective batch. Returns (losses, weights) of all of it.
 
     Memory stays that of one micro-batch; the official code instead kept every graph alive until the
     weights were known. How each method gets there without that:
@@ -194,39 +239,63 @@ def forward_backward(model, batches, method, tau, skip, keep, ctx, scale=lambda 
       micro-batch reveals, so we first score all samples without building graphs (one forward, about
       a third of a training step), then backpropagate only the kept ones. With keep < 2/3 this is
       cheaper than ERM, since the dropped samples never pay for a backward pass.
+
+    Under torchrun, `batches` are this rank's share (rank r holds samples r*n_r .. (r+1)*n_r - 1 of the
+    step) and the weights are still those of the global batch (the official code normalised per device):
+    irdro shares the running max m with one all-reduce per micro-batch, so every rank rescales by the
+    same factor, and sums S at the end; midrank gathers the scores (n floats); DDP/FSDP average the
+    gradients of the ranks, and since the weights already sum to 1 globally each rank's loss is
+    multiplied by the world size to turn that mean into the sum.
     `scale` is the loss scaler's scale (float16 training); gradients are linear in it."""
-    n = sum(len(x) for x, _ in batches)
-    params = [p for p in model.parameters() if p.requires_grad]
+    rank, size = world()
+    n = size * sum(len(x) for x, _ in batches)
+    # taken now, before any forward: between a module's forward and backward FSDP registers its gathered
+    # parameters on it, while the gradients accumulate on these (sharded) ones
+    params = list(model.parameters())
+
+    def grads():
+        return [p.grad for p in params if p.grad is not None]
+
+    def backward(loss):
+        scale(loss * size).backward()
+
     if method == "midrank":
         with torch.no_grad(), ctx:
-            losses = torch.cat([model(x, y)[1] for x, y in batches]).float()
+            mine = torch.cat([model(x, y)[1] for x, y in batches]).float()
+        losses = all_cat(mine)
         w = reweight.weights(losses, "midrank", skip=skip, keep=keep)
+        w_mine = w[rank * len(mine):(rank + 1) * len(mine)]
         X, Y = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-        for rows in w.nonzero().squeeze(1).split(len(batches[0][0])):  # kept samples, re-packed
-            with ctx:
-                _, loss = model(X[rows], Y[rows])
-            scale((loss * w[rows]).sum()).backward()
+        chunks = w_mine.nonzero().squeeze(1).split(len(batches[0][0]))  # kept samples, re-packed
+        if len(chunks[0]) == 0:  # none kept here: still join the gradient sync, with a weight-0 sample
+            chunks = [torch.zeros(1, dtype=torch.long, device=X.device)]
+        for i, rows in enumerate(chunks):
+            with grad_sync(model, last=i == len(chunks) - 1):
+                with ctx:
+                    _, loss = model(X[rows], Y[rows])
+                backward((loss * w_mine[rows]).sum())
         return losses, w
     losses, m, S = [], torch.tensor(-math.inf, device=batches[0][0].device), 0.0
-    for x, y in batches:
-        with ctx:
-            _, loss = model(x, y)
-        l = loss.detach().float()
-        losses.append(l)
-        if method == "erm":
-            coef = torch.full_like(l, 1.0 / n)
-        else:  # irdro, online softmax
-            m_new = torch.maximum(m, l.max())
-            if len(losses) > 1:  # no .item(): the rescale never waits for the device
-                factor = torch.exp((m - m_new) / tau)
-                torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
-                S = S * factor
-            coef = torch.exp((l - m_new) / tau)
-            S, m = S + coef.sum(), m_new
-        scale((loss * coef).sum()).backward()
-    losses = torch.cat(losses)
+    for i, (x, y) in enumerate(batches):
+        with grad_sync(model, last=i == len(batches) - 1):
+            with ctx:
+                _, loss = model(x, y)
+            l = loss.detach().float()
+            losses.append(l)
+            if method == "erm":
+                coef = torch.full_like(l, 1.0 / n)
+            else:  # irdro, online softmax
+                m_new = torch.maximum(m, all_max(l.max()))
+                if i > 0:  # no .item(): the rescale never waits for the device
+                    factor = torch.exp((m - m_new) / tau)
+                    torch._foreach_mul_(grads(), factor)
+                    S = S * factor
+                coef = torch.exp((l - m_new) / tau)
+                S, m = S + coef.sum(), m_new
+            backward((loss * coef).sum())
+    losses = all_cat(torch.cat(losses))
     if method == "irdro":
-        torch._foreach_div_([p.grad for p in params if p.grad is not None], S)
+        torch._foreach_div_(grads(), all_sum(S))
     return losses, reweight.weights(losses, method, tau=tau)
 
 
@@ -244,14 +313,26 @@ def lr_at(step, args):
 
 @torch.no_grad()
 def evaluate(model, data, samples, batch_size, block_size, device, ctx):
-    """Plain mean of the per-sample losses over a fixed set of held-out samples."""
+    """Plain mean of the per-sample losses over a fixed set of held-out samples. Under torchrun each rank
+    scores an equal share, the last one padded with a repeated sample that does not count: an FSDP
+    forward pass is a collective, so every rank must run the same number of them."""
+    rank, size = world()
+    per_rank = -(-len(samples) // size)
+    idx = rank * per_rank + np.arange(per_rank)
+    counts = idx < len(samples)
+    idx = samples[np.minimum(idx, len(samples) - 1)]
     model.eval()
     total = 0.0
-    for i in range(0, len(samples), batch_size):
-        x, y = get_batch(data, samples[i:i + batch_size], block_size, device)
+    for i in range(0, per_rank, batch_size):
+        x, y = get_batch(data, idx[i:i + batch_size], block_size, device)
         with ctx:
-            total += model(x, y)[1].float().sum().item()
+            loss = model(x, y)[1].float()
+        total += loss[torch.from_numpy(counts[i:i + batch_size]).to(device)].sum().item()
     model.train()
+    if hasattr(model, "reshard"):  # FSDP keeps the root's parameters gathered after a forward: free them
+        model.reshard()  # (and register the sharded ones again, for forward_backward)
+    if size > 1:
+        total = all_sum(torch.tensor(total, dtype=torch.float64, device=device)).item()
     return total / len(samples)
 
 
@@ -333,11 +414,17 @@ def scratch_config(args, vocab_size):
                      n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)
 
 
-def setup(args):
-    """Everything that can fail on bad input happens here, before any training or writing."""
+def setup(args, size=0):
+    """Everything that can fail on bad input happens here, before any training or writing.
+    `size`: the number of torchrun processes, 0 outside torchrun."""
+    if args.fsdp and not size:
+        raise ValueError("--fsdp shards the model over torchrun's processes: launch with "
+                         "torchrun --nproc_per_node N train.py --fsdp ... (N = 1 works too)")
+    if args.fsdp and pick_dtype(args.dtype, pick_device(args.device)) == "float16":
+        raise ValueError("--fsdp does not support float16 loss scaling here: use --dtype bfloat16 or float32")
     if args.method == "irdro":
         reweight.check_tau(args.tau)
-    n = args.batch_size * args.grad_accum
+    n = args.batch_size * args.grad_accum * max(size, 1)
     if args.method == "midrank":
         reweight.midrank_counts(n, args.skip, args.keep)
     for flag in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_samples", "keep_last"):
@@ -350,6 +437,8 @@ def setup(args):
         if data_dir.resolve() != prepare_data.DEFAULT_DATA_DIR.resolve():
             raise FileNotFoundError(f"no prepared data in {data_dir} (meta.json missing): run "
                                     f"python prepare_data.py --dataset YOUR_DATA --out_dir {data_dir}")
+        if size > 1:  # several processes would write the same files at once
+            raise FileNotFoundError(f"{data_dir} is not prepared yet: run python prepare_data.py once, then torchrun")
         prepare_data.prepare()  # the embedded default corpus: prepare it on first use
     train_data = load_split(data_dir, "train", args.block_size)
     val_data = load_split(data_dir, "val", args.block_size)
@@ -358,7 +447,7 @@ def setup(args):
         raise ValueError(f"no training samples in {data_dir}: its train split is empty; prepare more documents")
     if n > n_train:
         raise ValueError(f"effective batch of {n} samples exceeds the {n_train} training samples: "
-                         f"lower --batch_size or --grad_accum")
+                         f"lower --batch_size or --grad_accum" + (" (or use fewer processes)" if size > 1 else ""))
     if len(val_data["start"]) == 0:
         raise ValueError(f"no validation samples in {data_dir}: re-run prepare_data.py with a larger --val_fraction")
 
@@ -417,13 +506,21 @@ def tokenizer_id(meta):
 
 def main(argv=None):
     args = get_args(argv)
+    distributed = "RANK" in os.environ  # started by torchrun (or another launcher that sets its variables)
     try:
-        train_data, val_data, model, ckpt = setup(args)
+        train_data, val_data, model, ckpt = setup(args, int(os.environ.get("WORLD_SIZE", 1)) if distributed else 0)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
     device = pick_device(args.device)
+    if distributed:  # one process per GPU (or per CPU process group, for tests), each its own device
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, size = world()
+    master = rank == 0  # the one process that logs and writes files
     dtype = pick_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: much faster, ~fp32 loss
@@ -432,53 +529,79 @@ def main(argv=None):
            torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)))
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == "float16"))
 
-    step = 0
-    model.to(device)
+    raw_model = model
+    if args.fsdp:  # every block is a unit whose parameters are gathered just before use and freed after
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+        for block in model.transformer.h:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)  # also moves the shards to the device
+    else:
+        model.to(device)
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, (args.beta1, args.beta2), device.type)
+    step = 0
+    if size > 1:  # the same initial weights everywhere, but each rank its own dropout masks
+        torch.manual_seed(args.seed + rank)
     if args.init_from == "resume":  # same run: restore the optimizer, step counter and RNG too
-        optimizer.load_state_dict(ckpt["optimizer"])
+        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    raw_model = model
+        if rank < len(ckpt["rng"]):  # a checkpoint of a smaller world has no state for this rank
+            torch.set_rng_state(ckpt["rng"][rank]["torch"])
+            if device.type == "cuda" and ckpt["rng"][rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
     if args.compile:
         model = torch.compile(model)
+    if distributed and not args.fsdp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     out_dir = Path(args.out_dir)
-    (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
-    if args.init_from == "resume":  # the run may have gone on past its checkpoint before it died
-        for name in ("log.jsonl", "weights.jsonl"):
-            drop_records_after(out_dir / name, step)
-    mode = "a" if args.init_from == "resume" else "w"
-    log_file, weights_file = open(out_dir / "log.jsonl", mode), open(out_dir / "weights.jsonl", mode)
-
-    if args.wandb:
-        import wandb
-        wandb.init(project=args.wandb, name=out_dir.name, config=vars(args))
+    log_file = weights_file = None
+    if master:
+        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
+        if args.init_from == "resume":  # the run may have gone on past its checkpoint before it died
+            for name in ("log.jsonl", "weights.jsonl"):
+                drop_records_after(out_dir / name, step)
+        mode = "a" if args.init_from == "resume" else "w"
+        log_file, weights_file = open(out_dir / "log.jsonl", mode), open(out_dir / "weights.jsonl", mode)
+        if args.wandb:
+            import wandb
+            wandb.init(project=args.wandb, name=out_dir.name, config=vars(args))
 
     def log(record, text):
+        if not master:
+            return
         print(text, flush=True)
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
         if args.wandb:
             wandb.log({k: v for k, v in record.items() if k not in ("type", "step")}, step=record["step"])
 
-    n = args.batch_size * args.grad_accum
+    n_rank = args.batch_size * args.grad_accum
+    n = n_rank * size
     n_train = len(train_data["start"])
     eval_set = np.sort(np.random.default_rng(0).permutation(len(val_data["start"]))[:args.eval_samples])
-    print(f"{raw_model.num_params() / 1e6:.2f}M parameters | {args.method} | {n_train} train samples | "
-          f"effective batch {n} = {args.batch_size} x {args.grad_accum} | {device} {dtype}")
+    if master:
+        print(f"{raw_model.num_params() / 1e6:.2f}M parameters | {args.method} | {n_train} train samples | "
+              f"effective batch {n} = {args.batch_size} x {args.grad_accum}" + (f" x {size} processes" if size > 1
+              else "") + f" | {device} {dtype}" + (" | FSDP" if args.fsdp else ""))
 
     val_loss, last_eval = None, (step if args.init_from == "resume" else None)
     def checkpoint(step, val_loss):
-        save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                             scaler=scaler.state_dict(), model_args=asdict(raw_model.config), args=vars(args),
-                             step=step, val_loss=val_loss, tokenizer=tokenizer_id(train_data["meta"]),
-                             rng=dict(torch=torch.get_rng_state(),
-                                      cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)),
-                        out_dir, args.keep_last)
+        # one format for every world size and for FSDP: the full (unsharded) state, with parameter names
+        # as the optimizer's keys. Under FSDP gathering it is a collective: all ranks call, rank 0 writes.
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = dict(model=get_model_state_dict(raw_model, options=full),
+                     optimizer=get_optimizer_state_dict(raw_model, optimizer, options=full))
+        rng = [dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)]
+        if size > 1:
+            rng = [None] * size
+            dist.all_gather_object(rng, dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state()
+                                             if device.type == "cuda" else None))
+        if master:
+            save_checkpoint(dict(state, scaler=scaler.state_dict(), model_args=asdict(raw_model.config),
+                                 args=vars(args), step=step, val_loss=val_loss, rng=rng,
+                                 tokenizer=tokenizer_id(train_data["meta"])), out_dir, args.keep_last)
 
     # a pre-empted or interrupted run finishes its step, checkpoints it and exits 0 (see the loop)
     stop_signal = []
@@ -498,66 +621,79 @@ def main(argv=None):
                 checkpoint(step, val_loss)
         if step >= args.max_iters:
             break
-        if stop_signal:  # SIGTERM / SIGINT arrived during the last step: save it, then leave cleanly
+        stop = bool(stop_signal)
+        if size > 1:  # the ranks may get the signal at different moments: all stop at the same step
+            stop = all_max(torch.tensor(float(stop), device=device)).item() > 0
+        if stop:  # SIGTERM / SIGINT arrived during the last step: save it, then leave cleanly
             checkpoint(step, val_loss)
-            print(f"stopped by {signal.Signals(stop_signal[0]).name} after step {step}: checkpoint saved in "
-                  f"{out_dir}; continue with --init_from resume")
+            if master:
+                print(f"stopped by {signal.Signals(stop_signal[0]).name if stop_signal else 'a signal'} after "
+                      f"step {step}: checkpoint saved in {out_dir}; continue with --init_from resume")
             break
 
         t0 = time.time()
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        samples = step_samples(args.seed, step, n, n_train)
-        batches = [get_batch(train_data, samples[i:i + args.batch_size], args.block_size, device)
-                   for i in range(0, n, args.batch_size)]
+        samples = step_samples(args.seed, step, n, n_train)  # the global batch; this rank's share below
+        mine = samples[rank * n_rank:(rank + 1) * n_rank]
+        batches = [get_batch(train_data, mine[i:i + args.batch_size], args.block_size, device)
+                   for i in range(0, n_rank, args.batch_size)]
         losses, w = forward_backward(model, batches, args.method, args.tau, args.skip, args.keep,
                                      ctx, scaler.scale)
         losses, w = losses.cpu(), w.cpu()  # the one device sync of the step
         docs = train_data["doc"][samples]
-        if torch.isfinite(losses).all():
+        if torch.isfinite(losses).all():  # the losses of the global batch: every rank decides alike
             if args.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             scale = scaler.get_scale()
             scaler.step(optimizer)  # float16: skipped by the scaler if a gradient overflowed ...
             scaler.update()  # ... which then halves the loss scale and tries again next step
-            if scaler.get_scale() < scale:
+            if scaler.get_scale() < scale and master:
                 print(f"step {step}: float16 gradient overflow, step skipped, loss scale now {scaler.get_scale():g}")
-        else:  # one corrupt sample must not poison the model: drop this step, keep going
+        elif master:  # one corrupt sample must not poison the model: drop this step, keep going
             bad = docs[~torch.isfinite(losses).numpy()].tolist()
             print(f"step {step}: non-finite loss in documents {bad}: step skipped", file=sys.stderr)
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
 
-        ntok = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+        ntok = int((train_data["end"][samples] - train_data["start"][samples] - 1).sum())  # targets, all ranks
         rec = dict(type="train", step=step, loss=losses.mean().item(), wloss=(w * losses).sum().item(),
                    wmax=w.max().item(), ess=reweight.effective_sample_size(w), lr=lr, tok_per_s=ntok / dt)
         if args.method == "irdro":
             rec["tilted"] = reweight.tilted_loss(losses, args.tau).item()
         eta = (time.time() - t_start) / (step + 1 - first_step) * (args.max_iters - step - 1)
         mfu = ""
-        if peak:  # an ERM step's FLOPs over the effective batch, against the GPU's dense bf16 peak
-            rec["mfu"] = flops_per_token * n * args.block_size / dt / peak
+        if peak:  # an ERM step's FLOPs over the effective batch, against the GPUs' dense bf16 peak
+            rec["mfu"] = flops_per_token * n * args.block_size / dt / (peak * size)
             mfu = f" | MFU {rec['mfu']:.1%}"
         log(rec, f"step {step + 1}/{args.max_iters} | loss {rec['loss']:.4f} | weighted {rec['wloss']:.4f} | "
                  f"w max {rec['wmax']:.3f} | ess {rec['ess']:.1f}/{n} | lr {lr:.2e} | "
                  f"{rec['tok_per_s'] / 1e3:.1f}k tok/s{mfu} | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min")
-        weights_file.write(json.dumps(dict(step=step, loss=losses.tolist(), weight=w.tolist(),
-                                           doc=docs.tolist())) + "\n")
-        weights_file.flush()
+        if master:
+            weights_file.write(json.dumps(dict(step=step, loss=losses.tolist(), weight=w.tolist(),
+                                               doc=docs.tolist())) + "\n")
+            weights_file.flush()
         step += 1
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
-    log_file.close()
-    weights_file.close()
-    export(raw_model, args, out_dir / "hf")
+    state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if master:
+        log_file.close()
+        weights_file.close()
+        export(raw_model.config, state, args, out_dir / "hf")
+    if distributed:
+        dist.destroy_process_group()
     return dict(val_loss=val_loss, model=raw_model)
 
 
-def export(model, args, hf_dir):
+def export(config, state, args, hf_dir):
     """The trained model in Hugging Face's layout, with the tokenizer files of the pretrained checkpoint,
     for transformers and lm-evaluation-harness (`lm_eval --model hf --model_args pretrained=DIR`)."""
+    with torch.device("meta"):  # no initialisation: the weights are those of `state`
+        model = GPT(config)
+    model.load_state_dict(state, assign=True)
     model.save_pretrained(hf_dir)
     if args.pretrained:
         folder = checkpoint_folder(args.pretrained)

@@ -1,0 +1,135 @@
+"""train.py under torchrun: 2 CPU processes (gloo), DDP and FSDP2, against 1 process with the same effective batch.
+
+The claim tested: the weights of every method are those of the GLOBAL effective batch, so
+2 processes x grad_accum 2 take the same steps as 1 process x grad_accum 4, up to float rounding."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = train.Path(train.__file__).parent
+# method flags; "midrank_one" keeps a single sample of 8, so one rank has nothing to backpropagate
+METHODS = {"erm": ["--method", "erm"], "irdro": ["--method", "irdro", "--tau", "0.1"],
+           "midrank": ["--method", "midrank", "--skip", "0.125", "--keep", "0.5"],
+           "midrank_one": ["--method", "midrank", "--skip", "0.25", "--keep", "0.125"]}
+STEPS = ["--max_iters", "3", "--warmup_iters", "0", "--eval_interval", "3", "--dropout", "0"]
+
+
+def torchrun(flags, nproc=2, script="train.py", timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), script, *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def assert_same_run(a, b, atol):
+    """Two out_dirs: the same parameters (within atol), the same per-sample losses, weights and documents."""
+    pa, pb = (torch.load(d / "ckpt.pt", weights_only=False)["model"] for d in (a, b))
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.allclose(pa[k], pb[k], rtol=0, atol=atol), k
+    wa, wb = read_jsonl(a / "weights.jsonl"), read_jsonl(b / "weights.jsonl")
+    assert [r["step"] for r in wa] == [r["step"] for r in wb]
+    for ra, rb in zip(wa, wb):
+        assert ra["doc"] == rb["doc"]
+        assert torch.allclose(torch.tensor(ra["loss"]), torch.tensor(rb["loss"]), atol=1e-5)
+        assert torch.allclose(torch.tensor(ra["weight"]), torch.tensor(rb["weight"]), atol=1e-5)
+
+
+# FSDP runs the two methods that touch gradients between micro-batches (irdro) or skip a rank's backward
+@pytest.mark.parametrize("method,shard", [(m, "ddp") for m in METHODS] + [("irdro", "fsdp"), ("midrank_one", "fsdp")])
+def test_two_processes_take_the_steps_of_one(method, shard, tiny_flags, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(tiny_flags + METHODS[method] + STEPS + ["--batch_size", "2", "--grad_accum", "4", "--out_dir", str(one)])
+    res = torchrun(tiny_flags + METHODS[method] + STEPS + ["--batch_size", "2", "--grad_accum", "2",
+                                                           "--out_dir", str(two)] + (["--fsdp"] if shard == "fsdp" else []))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "x 2 processes" in res.stdout
+    # Adam's update lr * m / (sqrt(v) + eps) amplifies the rounding of the accumulation order for gradient
+    # entries near eps by up to ~1e-3 of a step of lr 1e-3; three steps here
+    assert_same_run(one, two, atol=3e-5)
+    log = read_jsonl(two / "log.jsonl")  # rank 0 alone writes: one record per step and evaluation
+    assert [r["step"] for r in log if r["type"] == "train"] == [0, 1, 2]
+    if method == "midrank_one":
+        assert all(sum(w > 0 for w in r["weight"]) == 1 for r in read_jsonl(two / "weights.jsonl"))
+
+
+def test_resume_across_world_sizes(tiny_flags, tmp_path):
+    """FSDP on 2 processes for 2 steps, DDP on 2 processes for 1 more, 1 process for the last:
+    the same as 4 steps in 1 process. Checkpoints hold the full state, whatever wrote them."""
+    flags = tiny_flags + METHODS["irdro"] + ["--warmup_iters", "0", "--eval_interval", "1", "--batch_size", "2",
+                                             "--schedule", "constant", "--out_dir"]
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    train.main(flags + [str(straight), "--grad_accum", "4", "--max_iters", "4"])
+    res = torchrun(flags + [str(parts), "--grad_accum", "2", "--max_iters", "2", "--fsdp"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = torchrun(flags + [str(parts), "--grad_accum", "2", "--max_iters", "3", "--init_from", "resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    train.main(flags + [str(parts), "--grad_accum", "4", "--max_iters", "4", "--init_from", "resume"])
+    assert_same_run(straight, parts, atol=4e-5)
+
+
+def test_sigterm_under_torchrun_checkpoints_every_rank_at_one_step_and_resumes(tiny_flags, tmp_path):
+    """torchrun passes SIGTERM to its processes, which may see it at different moments: they agree on the
+    step to stop at, rank 0 checkpoints it, all exit; resuming then equals a straight run."""
+    flags = tiny_flags + METHODS["irdro"] + ["--batch_size", "2", "--warmup_iters", "0", "--schedule", "constant",
+                                             "--eval_interval", "1000"]
+    parts, straight = tmp_path / "parts", tmp_path / "straight"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           *flags, "--grad_accum", "2", "--max_iters", "1000", "--out_dir", str(parts)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.communicate(timeout=120)[0]
+    assert "stopped by" in out
+    k = torch.load(parts / "ckpt.pt", weights_only=False)["step"]
+    assert 3 <= k < 1000
+    res = torchrun(flags + ["--grad_accum", "2", "--max_iters", str(k + 2), "--init_from", "resume",
+                            "--out_dir", str(parts)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    train.main(flags + ["--grad_accum", "4", "--max_iters", str(k + 2), "--out_dir", str(straight)])
+    assert_same_run(straight, parts, atol=1e-5 * (k + 2))
+
+
+def test_an_error_in_one_rank_ends_all_of_them(tiny_flags, tmp_path):
+    """Rank 1 fails in its third step; rank 0 must not wait for it forever, and the error must show."""
+    script = tmp_path / "fail_rank1.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+calls = []
+get_batch = train.get_batch
+def failing_get_batch(*args):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 5:
+        raise RuntimeError("disk on fire in rank 1")
+    return get_batch(*args)
+train.get_batch = failing_get_batch
+train.main()
+""")
+    res = torchrun(tiny_flags + METHODS["irdro"] + ["--max_iters", "50", "--batch_size", "2", "--grad_accum", "2",
+                                                    "--out_dir", str(tmp_path / "out")], script=str(script), timeout=240)
+    assert res.returncode != 0
+    assert "disk on fire in rank 1" in res.stderr
+
+
+def test_fsdp_needs_torchrun(tiny_flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_flags + ["--fsdp", "--out_dir", str(tmp_path / "x")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "torchrun" in err
