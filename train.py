@@ -683,7 +683,8 @@ def main(argv=None):
         log_file.close()
         weights_file.close()
         export(raw_model.config, state, args, out_dir / "hf")
-    if distributed:
+    if distributed:  # leave together: a rank destroying its group while another still exports can hang
+        dist.barrier()
         dist.destroy_process_group()
     return dict(val_loss=val_loss, model=raw_model)
 
