@@ -1,0 +1,165 @@
+"""study.py: `python study.py --quick` runs the whole pipeline, and its numbers are what they claim to be."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+import study
+import train
+from model import GPT, GPTConfig
+from test_plot import assert_real_image
+
+ROOT = train.Path(train.__file__).parent
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One quick study (2 seeds, 9 methods, a tiny model, 10 continual steps), run as a user runs it."""
+    out = tmp_path_factory.mktemp("study")
+    p = subprocess.run([sys.executable, str(ROOT / "study.py"), "--quick", "--out_dir", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_run_of_every_seed_is_reported(quick):
+    out, res = quick
+    names = [name for name, _ in res["methods"]]
+    assert len(names) == 9 and names[0] == "ERM"
+    assert sorted(res["base"]) == sorted(res["runs"]) == ["1", "2"]
+    for seed in res["runs"]:
+        assert sorted(res["runs"][seed]) == sorted(names)
+        for name in names:
+            r = res["runs"][seed][name]
+            assert np.isfinite([r["val_clean"], r["val_hard"]]).all()
+            assert len(records(out / f"seed{seed}" / res["run_dirs"][name] / "weights.jsonl")) == res["args"]["iters"]
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in names + ["base model (no continual training)"])
+    assert "wall time" in table and "python study.py --quick" in table
+
+
+def group_of(out):
+    """The group of every mix document id, read from its title (titles.json), not from groups.json."""
+    titles = json.loads((out / "data" / "mix" / "titles.json").read_text())
+    return [t.split(":")[0] for t in titles]
+
+
+def test_weight_shares_are_recounted_from_weights_jsonl(quick):
+    out, res = quick
+    groups = group_of(out)
+    assert json.loads((out / "data" / "mix" / "groups.json").read_text()) == groups
+    for seed, runs in res["runs"].items():
+        for name, r in runs.items():
+            weight, seen = Counter(), Counter()
+            for rec in records(out / f"seed{seed}" / res["run_dirs"][name] / "weights.jsonl"):
+                assert sum(rec["weight"]) == pytest.approx(1, abs=1e-5)
+                for d, w in zip(rec["doc"], rec["weight"]):
+                    weight[groups[d]] += w
+                    seen[groups[d]] += 1
+            total_w, total_n = sum(weight.values()), sum(seen.values())
+            assert sum(r["share"].values()) == pytest.approx(1)
+            for g in study.GROUPS:
+                assert r["share"][g] == pytest.approx(weight[g] / total_w)
+                assert r["seen"][g] == pytest.approx(seen[g] / total_n)
+        # ERM's weights are uniform, so its shares are the shares of the samples it saw
+        assert runs["ERM"]["share"] == pytest.approx(runs["ERM"]["seen"])
+
+
+def test_noise_is_the_hardest_group_and_hard_sample_methods_weight_it_more(quick):
+    """Character-shuffled text has the highest loss, so the methods that favour high losses give it more
+    than ERM's share, and MidRanking's skip gives it less than hardest-only (which skips nothing)."""
+    _, res = quick
+    for runs in res["runs"].values():
+        erm = runs["ERM"]
+        assert erm["group_loss"]["noise"] > max(erm["group_loss"]["clean"], erm["group_loss"]["hard"])
+        noise = {name: r["share"]["noise"] for name, r in runs.items()}
+        assert noise["hardest half (skip 0, keep 0.5)"] >= noise["ERM"]
+        assert noise["MidRanking skip 0.25 keep 0.5"] < noise["hardest half (skip 0, keep 0.5)"]
+        assert noise["IR-DRO tau 1"] >= noise["IR-DRO tau 3"] >= noise["IR-DRO tau 10"] >= noise["ERM"] - 1e-9
+
+
+def test_same_data_order_for_every_method_of_a_seed(quick):
+    """The n-sample runs see identical batches at every step; the random control sees n/2 samples a step."""
+    out, res = quick
+    n = res["args"]["batch_size"]
+    for seed in res["runs"]:
+        docs = {name: [r["doc"] for r in records(out / f"seed{seed}" / d / "weights.jsonl")]
+                for name, d in res["run_dirs"].items()}
+        control = next(name for name in docs if name.startswith("random"))
+        assert all(len(step) == n // 2 for step in docs.pop(control))
+        assert all(d == docs["ERM"] for d in docs.values()) and len(docs["ERM"][0]) == n
+    erm = res["run_dirs"]["ERM"]  # and the seed changes the order
+    assert records(out / "seed1" / erm / "weights.jsonl")[0]["doc"] != records(out / "seed2" / erm / "weights.jsonl")[0]["doc"]
+
+
+def test_held_out_documents_are_never_trained_on(quick):
+    out, _ = quick
+    data = out / "data"
+
+    def titles(name, split):
+        every = json.loads((data / name / "titles.json").read_text())
+        return {every[i] for i in np.load(data / name / f"{split}_docs.npz")["ids"]}
+
+    mix = {t.split(": ", 1)[1].removesuffix(" (shuffled)") for t in titles("mix", "train") | titles("mix", "val")}
+    assert not mix & titles("clean", "val") and not mix & titles("hard", "val")
+    assert mix >= titles("hard", "train")  # every Milton training section is in the mix
+    # the base model trained on clean scenes only
+    assert json.loads((out / "seed1" / "base" / "args.json").read_text())["data"] == str(data / "clean")
+
+
+def test_noise_documents_are_shuffled_real_documents(quick):
+    out, _ = quick
+    docs = [json.loads(line) for line in (out / "data" / "mix.jsonl").read_text().splitlines()]
+    real = {r["title"].split(": ", 1)[1]: r["text"] for r in docs if not r["title"].startswith("noise")}
+    noise = [r for r in docs if r["title"].startswith("noise")]
+    assert len(noise) == round(sum(r["title"].startswith("hard") for r in docs) * 0.2 / 0.3)  # --mix 0.5 0.3 0.2
+    for r in noise:
+        source = real[r["title"].split(": ", 1)[1].removesuffix(" (shuffled)")]
+        assert sorted(r["text"]) == sorted(source) and r["text"] != source
+
+
+def test_base_row_is_the_base_checkpoint_evaluated_directly(quick):
+    out, res = quick
+    args = res["args"]
+    for seed in res["base"]:
+        ckpt = torch.load(out / f"seed{seed}" / "base" / "ckpt.pt", weights_only=False)
+        assert ckpt["step"] == args["base_iters"]
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        for name in ("clean", "hard"):
+            val = train.load_split(out / "data" / name, "val", args["block_size"])
+            samples = np.sort(np.random.default_rng(0).permutation(len(val["start"]))[:args["eval_samples"]])
+            loss = train.evaluate(model, val, samples, 8, args["block_size"], torch.device("cpu"), nullcontext())
+            assert res["base"][seed][f"val_{name}"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_table_numbers_are_the_mean_and_std_of_the_seeds(quick):
+    out, res = quick
+    rows = {r["method"]: r for r in study.summarize(res)}
+    erm = [res["runs"][s]["ERM"]["val_hard"] for s in ("1", "2")]
+    irdro = [res["runs"][s]["IR-DRO tau 1"]["val_hard"] for s in ("1", "2")]
+    assert rows["ERM"]["val_hard"] == pytest.approx((np.mean(erm), np.std(erm, ddof=1)))
+    diff = np.subtract(irdro, erm)
+    assert rows["IR-DRO tau 1"]["delta_val_hard"] == pytest.approx((diff.mean(), diff.std(ddof=1)))
+    assert f"| IR-DRO tau 1 | {study.pm(rows['IR-DRO tau 1']['val_clean'])} |" in (out / "results.md").read_text()
+
+
+def test_figure_is_a_real_image(quick):
+    out, _ = quick
+    assert_real_image(out / "study.png")
+
+
+def test_bad_mix_is_one_line_and_exit_code_2(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "study.py"), "--quick", "--mix", "0", "0.5", "0.5",
+                        "--out_dir", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 2 and "--mix" in p.stderr and not list(tmp_path.iterdir())
