@@ -367,6 +367,12 @@ def looks_local(dataset):
             or kind(dataset) is not None)
 
 
+def read_jsonl_gz(path):
+    """The records of a vendored .jsonl.gz (assets/), read directly: no datasets, no cache."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def load_texts(dataset, text_field, split, sample_by, max_docs, records=False):
     """Source records -> (texts, titles or None); position in the lists is the document's source id.
     records=True: the records themselves (a list of dicts) instead, for --format instruct."""
@@ -374,8 +380,7 @@ def load_texts(dataset, text_field, split, sample_by, max_docs, records=False):
         return demo_instruct_records()[:max_docs]
     if dataset is None:
         # our own jsonl.gz: read it directly, so the default path needs neither datasets nor its cache
-        with gzip.open(EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
-            records = [json.loads(line) for line in f][:max_docs]
+        records = read_jsonl_gz(EMBEDDED_CORPUS)[:max_docs]
         return pick(list(records[0]), lambda k: [r.get(k) for r in records], text_field, "embedded:shakespeare")
     files, builder = local_files(dataset) if looks_local(dataset) else (None, None)  # bad paths fail fast
     import datasets
@@ -628,8 +633,7 @@ def demo_instruct_records(seed=1337):
     (input: 3 lines; output: the next 2)."""
     import random
 
-    with gzip.open(EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
-        scenes = [json.loads(line) for line in f]
+    scenes = read_jsonl_gz(EMBEDDED_CORPUS)
     rng = random.Random(seed)
     out = []
     for scene in scenes:

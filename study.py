@@ -27,8 +27,6 @@ time in worker processes (--jobs): on a 2-core machine two single-threaded proce
 process with two threads.
 """
 
-import argparse
-import gzip
 import hashlib
 import json
 import os
@@ -84,7 +82,7 @@ def methods(n):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = train.Parser(description=__doc__.split("\n\n")[0].strip())  # bad input: one line, exit 2
     a = p.add_argument
     a("--out_dir", default="out/study", help="data, runs, results.json, results.md and study.png go here")
     a("--quick", action="store_true", help="a tiny model and a few steps: checks the pipeline in about a minute")
@@ -117,11 +115,6 @@ def get_args(argv=None):
 # -----------------------------------------------------------------------------
 # data
 
-def read_jsonl_gz(path):
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def char_tokenizer(texts):
     """Characters as tokens: id 0 is the bos that starts every document, 1.. the characters of `texts`."""
     chars = sorted(set("".join(texts)))
@@ -147,7 +140,7 @@ def prepare(out_dir, mix, seed=1337):
     held-out Milton sections) and mix/ (continual training; mix/groups.json: the group of every document id
     in its weights.jsonl). The hold-outs are prepare_data's own seeded document splits, the same for every
     study seed. Returns the three folders."""
-    clean_src, hard_src = read_jsonl_gz(CLEAN_CORPUS), read_jsonl_gz(HARD_CORPUS)
+    clean_src, hard_src = (prepare_data.read_jsonl_gz(path) for path in (CLEAN_CORPUS, HARD_CORPUS))
     tok = char_tokenizer(r["text"] for r in clean_src + hard_src)
     data = out_dir / "data"
     clean = prepare_data.prepare(str(CLEAN_CORPUS), data / "clean", val_fraction=0.15, seed=seed, tokenizer=tok)

@@ -28,14 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 
 import prepare_data
 import reweight
-from model import GPT, GPTConfig, IGNORE_INDEX, checkpoint_folder
-
+from model import GPT, IGNORE_INDEX, GPTConfig, checkpoint_folder
 
 # Defaults that depend on the kind of run, for the flags the user leaves out. A pretrained run follows the
 # paper's official recipe (constant lr 2e-6, AdamW with torch's betas, wd 0.01, 512 tokens, 100 updates).
@@ -212,6 +215,11 @@ def all_cat(t):
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+# checkpoints hold the full (unsharded) state on rank 0's CPU, with parameter names as the optimizer's keys:
+# one format whatever the number of processes and with or without FSDP
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def grad_sync(model, last):
@@ -414,17 +422,17 @@ def scratch_config(args, vocab_size):
                      n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)
 
 
-def setup(args, size=0):
+def setup(args, size=1, distributed=False):
     """Everything that can fail on bad input happens here, before any training or writing.
-    `size`: the number of torchrun processes, 0 outside torchrun."""
-    if args.fsdp and not size:
+    `size`: the number of processes; `distributed`: started by torchrun."""
+    if args.fsdp and not distributed:
         raise ValueError("--fsdp shards the model over torchrun's processes: launch with "
                          "torchrun --nproc_per_node N train.py --fsdp ... (N = 1 works too)")
     if args.fsdp and pick_dtype(args.dtype, pick_device(args.device)) == "float16":
         raise ValueError("--fsdp does not support float16 loss scaling here: use --dtype bfloat16 or float32")
     if args.method == "irdro":
         reweight.check_tau(args.tau)
-    n = args.batch_size * args.grad_accum * max(size, 1)
+    n = args.batch_size * args.grad_accum * size
     if args.method == "midrank":
         reweight.midrank_counts(n, args.skip, args.keep)
     for flag in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_samples", "keep_last"):
@@ -508,7 +516,7 @@ def main(argv=None):
     args = get_args(argv)
     distributed = "RANK" in os.environ  # started by torchrun (or another launcher that sets its variables)
     try:
-        train_data, val_data, model, ckpt = setup(args, int(os.environ.get("WORLD_SIZE", 1)) if distributed else 0)
+        train_data, val_data, model, ckpt = setup(args, int(os.environ.get("WORLD_SIZE", "1")), distributed)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -543,7 +551,7 @@ def main(argv=None):
     if size > 1:  # the same initial weights everywhere, but each rank its own dropout masks
         torch.manual_seed(args.seed + rank)
     if args.init_from == "resume":  # same run: restore the optimizer, step counter and RNG too
-        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=FULL_STATE)
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         if rank < len(ckpt["rng"]):  # a checkpoint of a smaller world has no state for this rank
@@ -588,16 +596,13 @@ def main(argv=None):
 
     val_loss, last_eval = None, (step if args.init_from == "resume" else None)
     def checkpoint(step, val_loss):
-        # one format for every world size and for FSDP: the full (unsharded) state, with parameter names
-        # as the optimizer's keys. Under FSDP gathering it is a collective: all ranks call, rank 0 writes.
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = dict(model=get_model_state_dict(raw_model, options=full),
-                     optimizer=get_optimizer_state_dict(raw_model, optimizer, options=full))
+        # under FSDP gathering the full state is a collective: all ranks call, rank 0 writes
+        state = dict(model=get_model_state_dict(raw_model, options=FULL_STATE),
+                     optimizer=get_optimizer_state_dict(raw_model, optimizer, options=FULL_STATE))
         rng = [dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)]
-        if size > 1:
-            rng = [None] * size
-            dist.all_gather_object(rng, dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state()
-                                             if device.type == "cuda" else None))
+        if size > 1:  # every rank's own dropout stream, in rank order
+            rng_mine, rng = rng[0], [None] * size
+            dist.all_gather_object(rng, rng_mine)
         if master:
             save_checkpoint(dict(state, scaler=scaler.state_dict(), model_args=asdict(raw_model.config),
                                  args=vars(args), step=step, val_loss=val_loss, rng=rng,
@@ -678,7 +683,7 @@ def main(argv=None):
         step += 1
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
-    state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(raw_model, options=FULL_STATE)  # FSDP: a collective
     if master:
         log_file.close()
         weights_file.close()

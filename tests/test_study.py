@@ -163,3 +163,4 @@ def test_bad_mix_is_one_line_and_exit_code_2(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "study.py"), "--quick", "--mix", "0", "0.5", "0.5",
                         "--out_dir", str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 2 and "--mix" in p.stderr and not list(tmp_path.iterdir())
+    assert len(p.stderr.strip().splitlines()) == 1
