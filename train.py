@@ -500,8 +500,9 @@ def setup(args, size=1, distributed=False):
             raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb") from None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ".writable").touch()
-        (out_dir / ".writable").unlink()
+        probe = out_dir / f".writable-{os.getpid()}"  # one per process: torchrun's ranks all check at once
+        probe.touch()
+        probe.unlink()
     except OSError as e:
         raise ValueError(f"cannot write to --out_dir {out_dir} ({e.strerror}): choose a writable folder") from None
     return train_data, val_data, model, ckpt
