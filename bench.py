@@ -6,8 +6,9 @@ model, data and effective batch (with gradient accumulation), and their ratios t
     python bench.py --batch_size 8 --grad_accum 4 --steps 20
     python bench.py --vs-hf                  # our training step vs transformers' on OPT / LLaMA shapes
 
-Methods are interleaved step by step (erm, midrank, irdro, erm, ...) so that a slow moment of the
-machine hits all of them alike; the median step time of each is reported.
+Methods are interleaved step by step (mean, erm, midrank, irdro, mean, ...) so that a slow moment of the
+machine hits all of them alike; the median step time of each is reported. "mean" is the plain step with no
+weights at all (loss.mean() of each micro-batch, backward): the floor that the methods' steps are held to.
 
 --vs-hf times the training step (forward, per-sample loss, backward) of our model and of transformers'
 on the same random OPT-125m-shaped and LLaMA-shaped checkpoints and inputs. Each side runs in a fresh
@@ -28,26 +29,29 @@ from pathlib import Path
 
 import torch
 
+import cli
+import hf
 import prepare_data
 import reweight
+import runtime
 import train
 from model import GPT
 
 
 def main():
-    p = train.build_parser(__doc__)  # the model, data and method flags of train.py, same defaults
+    p = cli.build_parser(__doc__)  # the model, data and method flags of train.py, same defaults
     p.add_argument("--steps", type=int, default=10, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     p.add_argument("--vs-hf", dest="vs_hf", action="store_true", help="ours vs transformers, see above")
     p.add_argument("--vs-hf-worker", dest="worker", default=None, help=argparse.SUPPRESS)
-    args = train.get_args(parser=p)
+    args = cli.get_args(parser=p)
     if args.worker:
         return vs_hf_worker(args)
     if args.vs_hf:
         return vs_hf(args)
 
-    device = train.pick_device(args.device)
-    dtype = train.pick_dtype(args.dtype, device)
+    device = runtime.pick_device(args.device)
+    dtype = runtime.pick_dtype(args.dtype, device)
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
     data_dir = Path(args.data)
     if not (data_dir / "meta.json").exists():
@@ -62,23 +66,34 @@ def main():
     n = args.batch_size * args.grad_accum
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+    def plain_mean(batches):  # the cheapest ERM step, for reference: no weights at all
+        for x, y in batches:
+            with ctx:
+                loss = model(x, y)[1]
+            (loss.sum() / n).backward()
+        return loss
+
     def step(method, k):
         samples = train.step_samples(0, k, n, len(data["start"]))
         batches = [train.get_batch(data, samples[i:i + args.batch_size], args.block_size, device)
                    for i in range(0, n, args.batch_size)]
         sync()
         t0 = time.perf_counter()
-        losses, w = train.forward_backward(model, batches, method, args.tau, args.skip, args.keep, ctx)
+        if method == "mean":
+            losses = plain_mean(batches)
+        else:
+            losses, w = train.forward_backward(model, batches, method, cli.method_hparams(args), ctx)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.cpu()
         sync()
         return time.perf_counter() - t0
 
-    times = {m: [] for m in reweight.METHODS}
+    methods = ("mean",) + reweight.METHODS
+    times = {m: [] for m in methods}
     peak = {}
     for k in range(args.warmup + args.steps):
-        for m in reweight.METHODS:  # the same batch k for every method
+        for m in methods:  # the same batch k for every method
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             dt = step(m, k)
@@ -92,7 +107,7 @@ def main():
           f"batch {n} = {args.batch_size} x {args.grad_accum} of {args.block_size} tokens | "
           f"midrank keeps {kept}/{n}, irdro tau {args.tau} | {args.steps} steps, median")
     erm = statistics.median(times["erm"])
-    for m in reweight.METHODS:
+    for m in methods:
         t = statistics.median(times[m])
         mem = f" | peak {peak[m] / 2**20:.0f} MiB" if m in peak else ""
         print(f"{m:8s} {t * 1000:8.1f} ms/step | {n * args.block_size / t / 1e3:7.1f}k tok/s | "
@@ -135,13 +150,13 @@ def vs_hf(args):
 def vs_hf_worker(args):
     """Time the training step of one or both sides ('ours', 'hf', 'ours,hf') on one checkpoint folder."""
     sides, folder = args.worker.split(":", 1)
-    device = train.pick_device(args.device)
-    dtype = train.pick_dtype(args.dtype, device)
+    device = runtime.pick_device(args.device)
+    dtype = runtime.pick_dtype(args.dtype, device)
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
     models, step_loss = {}, {}
     for side in sides.split(","):
         if side == "ours":
-            models[side] = GPT.from_pretrained(folder, dtype=torch.float32)
+            models[side] = hf.load_pretrained(folder, dtype=torch.float32)
             step_loss[side] = lambda m, x, y: m(x, y)[1]
         else:
             import transformers

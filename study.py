@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
 import prepare_data
 import reweight
 import train
@@ -82,7 +83,7 @@ def methods(n):
 
 
 def get_args(argv=None):
-    p = train.Parser(description=__doc__.split("\n\n")[0].strip())  # bad input: one line, exit 2
+    p = cli.Parser(description=__doc__.split("\n\n")[0].strip())  # bad input: one line, exit 2
     a = p.add_argument
     a("--out_dir", default="out/study", help="data, runs, results.json, results.md and study.png go here")
     a("--quick", action="store_true", help="a tiny model and a few steps: checks the pipeline in about a minute")

@@ -12,5 +12,5 @@ def test_bench_prints_a_ratio_per_method(tiny_data):
                         "--grad_accum", "2", "--steps", "2", "--warmup", "0", "--device", "cpu"],
                        capture_output=True, text=True, check=True)
     rows = [line.split() for line in p.stdout.splitlines() if line.endswith("x erm")]
-    assert [r[0] for r in rows] == ["erm", "midrank", "irdro"]
-    assert rows[0][-2] == "1.000x" and all(float(r[1]) > 0 for r in rows)
+    assert [r[0] for r in rows] == ["mean", "erm", "midrank", "irdro"]  # mean: the plain step, for reference
+    assert rows[1][-2] == "1.000x" and all(float(r[1]) > 0 for r in rows)

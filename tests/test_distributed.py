@@ -133,3 +133,49 @@ def test_fsdp_needs_torchrun(tiny_flags, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "torchrun" in err
+
+
+CUSTOM_METHOD_SCRIPT = """import os, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+from contextlib import nullcontext
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+import reweight, train
+from test_train import cube_root, sharpened, tiny_model
+for fn in (cube_root, sharpened):  # methods added from outside: train.py knows nothing of them
+    setattr(reweight, fn.__name__, fn)
+reweight.METHODS += ("cube_root", "sharpened")
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+g = torch.Generator().manual_seed(0)
+x, y = torch.randint(64, (8, 16), generator=g), torch.randint(64, (8, 16), generator=g)
+out = {{}}
+for name in ("cube_root", "sharpened"):
+    model = tiny_model()
+    ddp = DDP(model)
+    own = slice(4 * rank, 4 * rank + 4)  # this rank's half of the 8 samples, as 4 micro-batches of 1
+    batches = [(x[own][i:i + 1], y[own][i:i + 1]) for i in range(4)]
+    losses, w = train.forward_backward(ddp, batches, name, dict(tau=0.1, skip=0.0, keep=0.5), nullcontext())
+    out[name] = dict(w=w, grads=[p.grad.clone() for p in model.parameters()])
+if rank == 0:
+    torch.save(dict(out, x=x, y=y), {out!r})
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_method_added_in_reweight_is_exact_under_torchrun(tmp_path):
+    """2 processes x grad_accum 4 with methods added in a test (one streamed, one scored): the gradient of
+    the float64 whole-batch reference, with the weights of the global batch."""
+    from test_train import cube_root, float64_reference, sharpened, tiny_model
+    script, out = tmp_path / "custom.py", tmp_path / "grads.pt"
+    script.write_text(CUSTOM_METHOD_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(out)))
+    res = torchrun([], script=str(script))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(out, weights_only=False)
+    for fn, hp in ((cube_root, dict(keep=0.5)), (sharpened, dict(tau=0.1))):
+        ref, w_ref = float64_reference(tiny_model(), got["x"], got["y"], lambda l: fn(l, **hp))
+        assert torch.allclose(got[fn.__name__]["w"], w_ref, atol=1e-6)
+        for g, r in zip(got[fn.__name__]["grads"], ref):
+            assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)

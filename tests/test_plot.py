@@ -2,9 +2,11 @@
 
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import matplotlib.image as mpimg
 import numpy as np
+
 import pytest
 import torch
 
@@ -70,7 +72,7 @@ def test_loss_hist_matches_train_evaluate(runs, tiny_data, tmp_path):
     val = train.load_split(tiny_data, "val", ckpt["args"]["block_size"])
     n = len(val["start"])
     expected = train.evaluate(model, val, np.arange(n), 8, ckpt["args"]["block_size"], torch.device("cpu"),
-                              train.nullcontext())
+                              nullcontext())
     assert len(losses) == n and name == "irdro (step 4)"
     assert losses.mean() == pytest.approx(expected, rel=1e-5)
 

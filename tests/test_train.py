@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import reweight
+import runtime
 import train
 from model import GPT, GPTConfig
 
@@ -80,11 +81,113 @@ def test_forward_backward_equals_the_whole_batch_gradient(method, micro):
     tau, skip, keep = 0.05, 0.25, 0.5  # small tau: the weights are far from uniform
     ref, w_ref = reference_grads(model, x, y, method, tau, skip, keep)
     batches = [(x[i:i + micro], y[i:i + micro]) for i in range(0, 8, micro)]
-    losses, w = train.forward_backward(model, batches, method, tau, skip, keep, nullcontext())
+    losses, w = train.forward_backward(model, batches, method, dict(tau=tau, skip=skip, keep=keep), nullcontext())
     assert torch.allclose(w, w_ref, atol=1e-6)
     assert w.max() > 0.2 or method == "erm"
     for p, g in zip(model.parameters(), ref):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
+
+
+# --- reweight.py is the one definition of the weights: training follows it --------------------
+
+def float64_reference(model, x, y, weight_fn):
+    """The naive step in float64, whole batch in one pass: grad of sum_i w_i l_i, w = weight_fn(detached l)."""
+    ref = GPT(model.config).double()
+    ref.load_state_dict(model.state_dict())
+    _, loss = ref(x, y)
+    w = weight_fn(loss.detach())
+    (w * loss).sum().backward()
+    return [p.grad.float() for p in ref.parameters()], w.float()
+
+
+def micro_step(model, method, hparams, micro=2, n=8, seed=0):
+    """forward_backward on n samples split into micro-batches; -> (x, y, losses, w, grads)."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(64, (n, 16), generator=g), torch.randint(64, (n, 16), generator=g)
+    model.zero_grad(set_to_none=True)
+    batches = [(x[i:i + micro], y[i:i + micro]) for i in range(0, n, micro)]
+    losses, w = train.forward_backward(model, batches, method, hparams, nullcontext())
+    return x, y, losses, w, [p.grad.clone() for p in model.parameters()]
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+
+
+def assert_grads_equal(grads, ref):
+    for g, r in zip(grads, ref):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_replacing_reweight_irdro_changes_the_gradient(monkeypatch):
+    """An IR-DRO step's gradient follows whatever reweight.irdro is, not a copy of it in train.py."""
+    model = tiny_model()
+    *_, grads_softmax = micro_step(model, "irdro", dict(tau=0.05), micro=2)
+
+    def hardest_two(losses, tau):  # a different function of the losses: uniform on the two largest
+        w = torch.zeros_like(losses)
+        w[losses.topk(2).indices] = 0.5
+        return w
+
+    monkeypatch.setattr(reweight, "irdro", hardest_two)
+    x, y, losses, w, grads = micro_step(model, "irdro", dict(tau=0.05), micro=2)
+    ref, w_ref = float64_reference(model, x, y, lambda l: hardest_two(l, 0.05))
+    assert torch.equal(w, hardest_two(losses, 0.05)) and torch.allclose(w, w_ref)
+    assert_grads_equal(grads, ref)
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads_softmax))
+
+
+def test_an_edited_method_whose_streaming_form_disagrees_fails_loudly(monkeypatch):
+    def flattened(losses, tau):  # edited, but the old softmax shortcut is still attached
+        return torch.softmax(losses / (10 * tau), dim=0)
+
+    flattened.score = reweight.irdro.score
+    monkeypatch.setattr(reweight, "irdro", flattened)
+    with pytest.raises(RuntimeError, match="disagrees"):
+        micro_step(tiny_model(), "irdro", dict(tau=0.05), micro=2)
+
+
+def add_method(monkeypatch, name, fn):
+    monkeypatch.setattr(reweight, name, fn, raising=False)
+    monkeypatch.setattr(reweight, "METHODS", reweight.METHODS + (name,))
+
+
+def cube_root(losses, keep):
+    """A new method, written as a learner would: w_i proportional to l_i^(1/3) on the top `keep` fraction."""
+    w = losses.clamp(min=0) ** (1 / 3)
+    w[losses < losses.quantile(1 - keep)] = 0
+    return w / w.sum()
+
+
+def sharpened(losses, tau):
+    """A new method with a streaming form: softmax(2 l / tau)."""
+    return torch.softmax(2 * losses / tau, dim=0)
+
+
+sharpened.score = lambda losses, tau: 2 * losses / tau
+
+
+@pytest.mark.parametrize("fn,hp", [(cube_root, dict(keep=0.5)), (sharpened, dict(tau=0.1))])
+def test_a_method_added_in_reweight_trains_exactly_with_grad_accum_4(fn, hp, monkeypatch):
+    add_method(monkeypatch, fn.__name__, fn)
+    model = tiny_model()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    x, y, losses, w, grads = micro_step(model, fn.__name__, dict(tau=0.1, skip=0.0, keep=0.5), micro=2)
+    ref, w_ref = float64_reference(model, x, y, lambda l: fn(l, **hp))
+    assert torch.allclose(w, w_ref, atol=1e-6) and w.max() > 0.2
+    assert_grads_equal(grads, ref)
+    # streamed (one forward a micro-batch) when the method has a .score; else scored first, then kept ones again
+    assert (len(calls) == 4) == hasattr(fn, "score") and len(calls) >= 4
+
+
+def test_a_method_added_in_reweight_runs_from_the_command_line(monkeypatch, tiny_flags, tmp_path):
+    add_method(monkeypatch, "cube_root", cube_root)
+    run(tiny_flags, tmp_path, "new", "--method", "cube_root", "--keep", "0.5", "--max_iters", "2",
+        "--batch_size", "4", "--grad_accum", "2")
+    for r in read_jsonl(tmp_path / "new" / "weights.jsonl"):
+        assert np.allclose(r["weight"], cube_root(torch.tensor(r["loss"]), 0.5).numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("method", reweight.METHODS)
@@ -184,10 +287,10 @@ def test_compiled_model_gives_the_same_step_on_cpu():
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
     x, y = torch.randint(64, (4, 16)), torch.randint(64, (4, 16))
     batches = [(x[:2], y[:2]), (x[2:], y[2:])]
-    eager_losses, eager_w = train.forward_backward(model, batches, "irdro", 0.5, 0, 1, nullcontext())
+    eager_losses, eager_w = train.forward_backward(model, batches, "irdro", dict(tau=0.5), nullcontext())
     eager = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    losses, w = train.forward_backward(torch.compile(model), batches, "irdro", 0.5, 0, 1, nullcontext())
+    losses, w = train.forward_backward(torch.compile(model), batches, "irdro", dict(tau=0.5), nullcontext())
     assert torch.allclose(losses, eager_losses, atol=1e-5) and torch.allclose(w, eager_w, atol=1e-6)
     for p, g in zip(model.parameters(), eager):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
@@ -271,13 +374,13 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_is_exact(tiny_flags, tmp_pa
 KILL_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import train
+import runtime
 from pathlib import Path
 out = Path({out!r})
 step = {start}
 while True:  # checkpoints as fast as possible, until killed
     step += 1
-    train.save_checkpoint(dict(step=step, model=dict(w=torch.full((1_000_000,), float(step)))), out, 2)
+    runtime.save_checkpoint(dict(step=step, model=dict(w=torch.full((1_000_000,), float(step)))), out, 2)
 """
 
 
@@ -288,7 +391,7 @@ def test_kill_9_at_any_moment_leaves_a_complete_checkpoint(tmp_path):
     rng = random.Random(0)
     out = tmp_path / "ckpts"
     out.mkdir()
-    train.save_checkpoint(dict(step=0, model=dict(w=torch.zeros(1_000_000))), out, 2)
+    runtime.save_checkpoint(dict(step=0, model=dict(w=torch.zeros(1_000_000))), out, 2)
     last, torn = 0, 0
     for _ in range(20):
         inode = os.stat(out / "ckpt.pt").st_ino

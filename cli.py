@@ -1,0 +1,123 @@
+"""
+train.py's command line: its flags, the defaults that depend on the kind of run (from scratch or
+--pretrained), and the checks on their values that need no data. Bad input is one line and exit code 2.
+"""
+
+import argparse
+import sys
+
+import torch
+
+import prepare_data
+import reweight
+import runtime
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump: bad input says what is wrong and exits 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # flags defaulting to None state their defaults themselves
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+# Defaults that depend on the kind of run, for the flags the user leaves out. A pretrained run follows the
+# paper's official recipe (constant lr 2e-6, AdamW with torch's betas, wd 0.01, 512 tokens, 100 updates).
+SCRATCH_DEFAULTS = dict(block_size=128, grad_accum=2, max_iters=250, lr=2e-3, min_lr=2e-4,
+                        schedule="cosine", warmup_iters=20, weight_decay=0.1, beta2=0.95)
+PRETRAINED_DEFAULTS = dict(block_size=512, grad_accum=1, max_iters=100, lr=2e-6, min_lr=2e-6,
+                           schedule="constant", warmup_iters=0, weight_decay=0.01, beta2=0.999)
+METHOD_FLAGS = ("tau", "skip", "keep")  # every method takes those of these it names as arguments in reweight.py
+
+
+def by_mode(flag):
+    return f"(default: {SCRATCH_DEFAULTS[flag]}; {PRETRAINED_DEFAULTS[flag]} with --pretrained)"
+
+
+def build_parser(description="Train a GPT with per-sample losses reweighted by ERM, MidRanking or IR-DRO."):
+    p = Parser(description=description.split("\n\n")[0], formatter_class=HelpFormatter)
+    a = p.add_argument
+    # reweighting
+    a("--method", default="irdro", choices=reweight.METHODS, help="how per-sample losses are weighted")
+    a("--tau", type=float, default=1.0, help="IR-DRO temperature: w = softmax(loss / tau)")
+    a("--skip", type=float, default=0.125, help="MidRanking: fraction of highest-loss samples skipped")
+    a("--keep", type=float, default=0.5, help="MidRanking: fraction kept after the skipped ones")
+    # data
+    a("--data", default=str(prepare_data.DEFAULT_DATA_DIR), help="folder written by prepare_data.py")
+    a("--block_size", type=int, default=None,
+      help=f"most target tokens per sample (context length) {by_mode('block_size')}")
+    a("--batch_size", type=int, default=8, help="micro-batch size (samples per forward pass)")
+    a("--grad_accum", type=int, default=None, help=f"micro-batches per optimizer step {by_mode('grad_accum')}")
+    # model (from scratch)
+    a("--n_layer", type=int, default=4, help="transformer blocks")
+    a("--n_head", type=int, default=4, help="attention heads")
+    a("--n_embd", type=int, default=128, help="embedding width")
+    a("--dropout", type=float, default=0.0, help="dropout probability (0 for continual training)")
+    a("--bias", action=argparse.BooleanOptionalAction, default=True, help="biases in Linear/LayerNorm")
+    a("--init_from", default="scratch", help="'scratch', 'resume' (from --out_dir), or an earlier out_dir")
+    a("--pretrained", default=None, help="continual training of a Hugging Face GPT-2 / OPT / LLaMA-family "
+      "checkpoint: a local folder or, online, a hub name (its data must be prepared with its tokenizer)")
+    a("--grad_ckpt", action="store_true", help="activation checkpointing: less memory, ~30%% more compute")
+    # optimisation
+    a("--max_iters", type=int, default=None, help=f"optimizer steps {by_mode('max_iters')}")
+    a("--lr", type=float, default=None, help=f"peak learning rate {by_mode('lr')}")
+    a("--min_lr", type=float, default=None, help=f"cosine schedule: final learning rate {by_mode('min_lr')}")
+    a("--schedule", default=None, choices=("cosine", "constant"),
+      help=f"learning-rate schedule after warm-up {by_mode('schedule')}")
+    a("--warmup_iters", type=int, default=None, help=f"linear warm-up steps {by_mode('warmup_iters')}")
+    a("--weight_decay", type=float, default=None,
+      help=f"AdamW weight decay (matrices only) {by_mode('weight_decay')}")
+    a("--beta1", type=float, default=0.9, help="AdamW beta1")
+    a("--beta2", type=float, default=None, help=f"AdamW beta2 {by_mode('beta2')}")
+    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    # evaluation, logging, output
+    a("--eval_interval", type=int, default=50, help="evaluate and checkpoint every this many steps")
+    a("--keep_last", type=int, default=2, help="checkpoints kept in out_dir (ckpt.pt is the latest)")
+    a("--eval_samples", type=int, default=128, help="held-out samples in the val loss")
+    a("--out_dir", default="out/{method}", help="where checkpoints and logs go; {method} is replaced")
+    a("--seed", type=int, default=1337, help="model init and the data order")
+    a("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (needs `pip install wandb`)")
+    # system
+    a("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+      help="auto: bfloat16 where supported, float16 (with loss scaling) on older GPUs, float32 on CPU")
+    a("--compile", action=argparse.BooleanOptionalAction, default="auto",
+      help="torch.compile the model; auto: on for CUDA")
+    a("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer state "
+      "over the processes (FSDP2) instead of replicating them (DDP)")
+    return p
+
+
+def get_args(argv=None, parser=None):
+    args = (parser or build_parser()).parse_args(argv)
+    for flag, value in (PRETRAINED_DEFAULTS if args.pretrained else SCRATCH_DEFAULTS).items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    args.out_dir = args.out_dir.format(method=args.method)
+    args.compile = args.compile is True or (args.compile == "auto" and runtime.pick_device(args.device).type == "cuda")
+    return args
+
+
+def method_hparams(args):
+    """The method flags, by name: reweight.weights passes a method those it takes as arguments."""
+    return {flag: getattr(args, flag) for flag in METHOD_FLAGS}
+
+
+def check(args, size, distributed):
+    """Flag values that cannot work, whatever the data. `size`: the number of processes."""
+    if args.fsdp and not distributed:
+        raise ValueError("--fsdp shards the model over torchrun's processes: launch with "
+                         "torchrun --nproc_per_node N train.py --fsdp ... (N = 1 works too)")
+    if args.fsdp and runtime.pick_dtype(args.dtype, runtime.pick_device(args.device)) == "float16":
+        raise ValueError("--fsdp does not support float16 loss scaling here: use --dtype bfloat16 or float32")
+    for flag in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_samples", "keep_last"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.max_iters < 0:
+        raise ValueError(f"--max_iters must be >= 0, got {args.max_iters}")
+    n = args.batch_size * args.grad_accum * size
+    # the method's own checks (tau > 0, skip + keep <= 1, ...), on a batch of n zero losses
+    reweight.weights(torch.zeros(n), args.method, **method_hparams(args))

@@ -1,0 +1,292 @@
+"""
+Checkpoint conversion between Hugging Face GPT-2 / OPT / LLaMA model folders and our GPT (model.py).
+
+Not a second model: each family is declared as data, a name map from our parameter names to the
+checkpoint's, plus a config.json <-> GPTConfig conversion. transformers is not needed (the tests use it to
+compare logits). At the bottom, the public functions: checkpoint_folder, load_pretrained, save_pretrained
+and export (trained weights -> a folder for transformers and lm-evaluation-harness, tokenizer included).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from model import GPT, GPTConfig, rope_inv_freq
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face checkpoint <-> our names. Each family is a list of (our name, HF name(s), transposed?);
+# several HF names are concatenated along dim 0 (q/k/v -> c_attn, gate/up -> c_fc). HF names are
+# those of the base model; "model." / "transformer." prefixes are stripped on load.
+
+HF_PREFIX = {"gpt2": "transformer.", "opt": "model.", "llama": "model."}
+
+NAME_MAPS = {
+    "gpt2": {  # GPT-2's Conv1D weights are stored (in, out): transposed
+        "transformer.wte.weight": "wte.weight",
+        "transformer.wpe.weight": "wpe.weight",
+        "transformer.h.{i}.ln_1.weight": "h.{i}.ln_1.weight",
+        "transformer.h.{i}.ln_1.bias": "h.{i}.ln_1.bias",
+        "transformer.h.{i}.attn.c_attn.weight": "h.{i}.attn.c_attn.weight^T",
+        "transformer.h.{i}.attn.c_attn.bias": "h.{i}.attn.c_attn.bias",
+        "transformer.h.{i}.attn.c_proj.weight": "h.{i}.attn.c_proj.weight^T",
+        "transformer.h.{i}.attn.c_proj.bias": "h.{i}.attn.c_proj.bias",
+        "transformer.h.{i}.ln_2.weight": "h.{i}.ln_2.weight",
+        "transformer.h.{i}.ln_2.bias": "h.{i}.ln_2.bias",
+        "transformer.h.{i}.mlp.c_fc.weight": "h.{i}.mlp.c_fc.weight^T",
+        "transformer.h.{i}.mlp.c_fc.bias": "h.{i}.mlp.c_fc.bias",
+        "transformer.h.{i}.mlp.c_proj.weight": "h.{i}.mlp.c_proj.weight^T",
+        "transformer.h.{i}.mlp.c_proj.bias": "h.{i}.mlp.c_proj.bias",
+        "transformer.ln_f.weight": "ln_f.weight",
+        "transformer.ln_f.bias": "ln_f.bias",
+        "lm_head.weight": "lm_head.weight",
+    },
+    "opt": {  # pre-attention norm is self_attn_layer_norm, pre-MLP norm is the layer's final_layer_norm
+        "transformer.wte.weight": "decoder.embed_tokens.weight",
+        "transformer.wpe.weight": "decoder.embed_positions.weight",
+        "transformer.project_in.weight": "decoder.project_in.weight",
+        "transformer.project_out.weight": "decoder.project_out.weight",
+        "transformer.h.{i}.ln_1.weight": "decoder.layers.{i}.self_attn_layer_norm.weight",
+        "transformer.h.{i}.ln_1.bias": "decoder.layers.{i}.self_attn_layer_norm.bias",
+        "transformer.h.{i}.attn.c_attn.weight": "decoder.layers.{i}.self_attn.{q,k,v}_proj.weight",
+        "transformer.h.{i}.attn.c_attn.bias": "decoder.layers.{i}.self_attn.{q,k,v}_proj.bias",
+        "transformer.h.{i}.attn.c_proj.weight": "decoder.layers.{i}.self_attn.out_proj.weight",
+        "transformer.h.{i}.attn.c_proj.bias": "decoder.layers.{i}.self_attn.out_proj.bias",
+        "transformer.h.{i}.ln_2.weight": "decoder.layers.{i}.final_layer_norm.weight",
+        "transformer.h.{i}.ln_2.bias": "decoder.layers.{i}.final_layer_norm.bias",
+        "transformer.h.{i}.mlp.c_fc.weight": "decoder.layers.{i}.fc1.weight",
+        "transformer.h.{i}.mlp.c_fc.bias": "decoder.layers.{i}.fc1.bias",
+        "transformer.h.{i}.mlp.c_proj.weight": "decoder.layers.{i}.fc2.weight",
+        "transformer.h.{i}.mlp.c_proj.bias": "decoder.layers.{i}.fc2.bias",
+        "transformer.ln_f.weight": "decoder.final_layer_norm.weight",
+        "transformer.ln_f.bias": "decoder.final_layer_norm.bias",
+        "lm_head.weight": "lm_head.weight",
+    },
+    "llama": {
+        "transformer.wte.weight": "embed_tokens.weight",
+        "transformer.h.{i}.ln_1.weight": "layers.{i}.input_layernorm.weight",
+        "transformer.h.{i}.attn.c_attn.weight": "layers.{i}.self_attn.{q,k,v}_proj.weight",
+        "transformer.h.{i}.attn.c_attn.bias": "layers.{i}.self_attn.{q,k,v}_proj.bias",
+        "transformer.h.{i}.attn.c_proj.weight": "layers.{i}.self_attn.o_proj.weight",
+        "transformer.h.{i}.attn.c_proj.bias": "layers.{i}.self_attn.o_proj.bias",
+        "transformer.h.{i}.ln_2.weight": "layers.{i}.post_attention_layernorm.weight",
+        "transformer.h.{i}.mlp.c_fc.weight": "layers.{i}.mlp.{gate,up}_proj.weight",
+        "transformer.h.{i}.mlp.c_fc.bias": "layers.{i}.mlp.{gate,up}_proj.bias",
+        "transformer.h.{i}.mlp.c_proj.weight": "layers.{i}.mlp.down_proj.weight",
+        "transformer.h.{i}.mlp.c_proj.bias": "layers.{i}.mlp.down_proj.bias",
+        "transformer.ln_f.weight": "norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    },
+}
+
+
+def name_map(config):
+    """Expand the family's map over layers: [(our name, [HF names], transposed)]."""
+    out = []
+    for ours, hf in NAME_MAPS[config.family].items():
+        transpose = hf.endswith("^T")
+        hf = hf.removesuffix("^T")
+        for i in range(config.n_layer) if "{i}" in ours else [None]:
+            o, h = ours.replace("{i}", str(i)), hf.replace("{i}", str(i))
+            if "{" in h:  # "{q,k,v}" -> three names, concatenated in that order
+                pre, rest = h.split("{", 1)
+                alts, post = rest.split("}", 1)
+                names = [pre + a + post for a in alts.split(",")]
+            else:
+                names = [h]
+            out.append((o, names, transpose))
+    return out
+
+
+def split_sizes(config, name):
+    """Row sizes of the HF tensors concatenated into one of ours (inverse of the '{a,b}' names)."""
+    if "c_attn" in name:
+        return [config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim]
+    return [config.mlp_hidden, config.mlp_hidden]  # gate, up
+
+
+def strip_prefix(key):
+    """'model.decoder.x' / 'transformer.h.0.x' -> base-model names; lm_head stays as it is."""
+    for prefix in ("model.", "transformer."):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+# -----------------------------------------------------------------------------
+# config.json <-> GPTConfig
+
+def config_from_hf(hf):
+    """config.json (a dict) -> GPTConfig."""
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported GPT-2 activation {act!r}: only the tanh-approximated GELU is built in")
+        return GPTConfig(family="gpt2", block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                         mlp_hidden=hf.get("n_inner"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                         tie_embeddings=hf.get("tie_word_embeddings", True))
+    if kind == "opt":
+        if hf.get("activation_function", "relu") != "relu" or not hf.get("layer_norm_elementwise_affine", True):
+            raise ValueError("unsupported OPT variant: only ReLU and affine LayerNorms are built in")
+        prenorm = hf.get("do_layer_norm_before", True)
+        if prenorm and hf.get("_remove_final_layer_norm", False):
+            raise ValueError("unsupported OPT variant: pre-norm without a final LayerNorm")
+        return GPTConfig(family="opt", block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                         n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                         n_embd=hf["hidden_size"], mlp_hidden=hf["ffn_dim"], mlp="relu",
+                         bias=hf.get("enable_bias", True), prenorm=prenorm, pos_offset=2,
+                         embd_dim=hf.get("word_embed_proj_dim") or hf["hidden_size"],
+                         tie_embeddings=hf.get("tie_word_embeddings", True))
+    if kind == "llama":
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported LLaMA activation {hf['hidden_act']!r}: only SwiGLU (silu) is built in")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = None
+        elif "original_max_position_embeddings" not in rope:
+            rope["original_max_position_embeddings"] = hf["max_position_embeddings"]
+        config = GPTConfig(family="llama", block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                           n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                           n_embd=hf["hidden_size"], n_kv_head=hf.get("num_key_value_heads"),
+                           head_dim=hf.get("head_dim"), mlp="swiglu", mlp_hidden=hf["intermediate_size"],
+                           bias=hf.get("mlp_bias", False), attn_bias=hf.get("attention_bias", False),
+                           norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), pos="rope",
+                           rope_theta=theta, rope_scaling=rope, tie_embeddings=hf.get("tie_word_embeddings", False))
+        rope_inv_freq(config, 1)  # an unsupported scaling fails here, at load time
+        return config
+    raise ValueError(f"unsupported model_type {kind!r} in config.json: gpt2, opt and llama are built in")
+
+
+def config_to_hf(c):
+    """GPTConfig -> config.json (a dict) of the family's transformers class."""
+    if c.family == "gpt2":
+        if not c.bias or c.mlp != "gelu" or c.norm != "layernorm" or c.pos != "learned":
+            raise ValueError("only GPT-2-shaped models (biases, GELU, LayerNorm, learned positions) export as gpt2")
+        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=c.vocab_size,
+                    n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                    n_inner=c.mlp_hidden, activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
+                    tie_word_embeddings=c.tie_embeddings, bos_token_id=50256, eos_token_id=50256)
+    if c.family == "opt":
+        return dict(model_type="opt", architectures=["OPTForCausalLM"], vocab_size=c.vocab_size,
+                    max_position_embeddings=c.block_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer,
+                    num_attention_heads=c.n_head, ffn_dim=c.mlp_hidden, activation_function="relu",
+                    do_layer_norm_before=c.prenorm, word_embed_proj_dim=c.embd_dim, enable_bias=c.bias,
+                    tie_word_embeddings=c.tie_embeddings, bos_token_id=2, eos_token_id=2, pad_token_id=1)
+    rope = dict(c.rope_scaling or {"rope_type": "default"}, rope_theta=c.rope_theta)
+    return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=c.vocab_size,
+                max_position_embeddings=c.block_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
+                num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                head_dim=c.head_dim, hidden_act="silu", rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                rope_parameters=rope, rope_scaling=c.rope_scaling, attention_bias=c.attn_bias,
+                mlp_bias=c.bias, tie_word_embeddings=c.tie_embeddings)
+
+
+# -----------------------------------------------------------------------------
+# checkpoint files, loading and saving
+
+def checkpoint_folder(name_or_dir):
+    """A local folder as it is; a hub name is downloaded (config, weights, tokenizer files) when online."""
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: point at a Hugging Face model folder")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(name_or_dir), allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.json", "chat_template.jinja"]))
+    except Exception as e:
+        raise FileNotFoundError(f"cannot find {name_or_dir!r} locally or download it ({type(e).__name__}); "
+                                f"offline, download the checkpoint elsewhere and pass its local folder") from e
+
+
+def read_weights(folder):
+    """All tensors of a checkpoint folder: (sharded) safetensors, else (sharded) pytorch_model.bin."""
+    from safetensors.torch import load_file
+    for stem, load in (("model.safetensors", load_file),
+                       ("pytorch_model.bin", lambda f: torch.load(f, map_location="cpu", weights_only=True))):
+        index = folder / f"{stem}.index.json"
+        if index.exists():  # sharded: the index maps every tensor to its shard
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (folder / stem).exists():
+            files = [stem]
+        else:
+            continue
+        sd = {}
+        for f in files:
+            sd.update(load(str(folder / f)))
+        return sd
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or a sharded index) in {folder}")
+
+
+def load_pretrained(name_or_dir, dtype=None):
+    """Load an HF GPT-2 / OPT / LLaMA-family checkpoint (a local folder or, online, a hub name) with
+    our own code: config.json -> GPTConfig, weights renamed by the family's name map. The weights
+    keep their stored dtype unless `dtype` is given."""
+    folder = checkpoint_folder(name_or_dir)
+    config = config_from_hf(json.loads((folder / "config.json").read_text()))
+    sd = {strip_prefix(k): v for k, v in read_weights(folder).items()}
+    model = GPT(config)
+    ours = model.state_dict()
+    loaded = {}
+    for name, hf_names, transpose in name_map(config):
+        if name not in ours or (name == "lm_head.weight" and config.tie_embeddings):
+            continue  # a module this config does not have, or the head tied to wte
+        missing = [h for h in hf_names if h not in sd]
+        if missing:
+            raise ValueError(f"{folder}: weight {missing[0]!r} missing: not a {config.family} checkpoint "
+                             f"matching its config.json, or a damaged one")
+        t = torch.cat([sd[h] for h in hf_names], dim=0) if len(hf_names) > 1 else sd[hf_names[0]]
+        t = t.t() if transpose else t
+        if t.shape != ours[name].shape:
+            raise ValueError(f"{folder}: {hf_names[0]} has shape {tuple(t.shape)}, "
+                             f"config.json implies {tuple(ours[name].shape)}")
+        loaded[name] = t
+    model.load_state_dict(loaded, strict=not config.tie_embeddings)  # tied: lm_head is wte
+    model.to(dtype or next(iter(loaded.values())).dtype)
+    return model
+
+
+def save_pretrained(model, out_dir):
+    """Write config.json + model.safetensors in Hugging Face's layout, loadable by
+    transformers.AutoModelForCausalLM (and so by lm-evaluation-harness)."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config, ours = model.config, model.state_dict()
+    sd = {}
+    for name, hf_names, transpose in name_map(config):
+        if name not in ours or (name == "lm_head.weight" and config.tie_embeddings):
+            continue
+        t = ours[name].t() if transpose else ours[name]
+        sizes = split_sizes(config, name) if len(hf_names) > 1 else [t.shape[0]]
+        for hf_name, part in zip(hf_names, t.split(sizes, dim=0)):
+            sd[HF_PREFIX[config.family] + hf_name if hf_name != "lm_head.weight" else hf_name] = \
+                part.contiguous().clone()
+    save_file(sd, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+def export(config, state_dict, out_dir, tokenizer_folder=None):
+    """Trained weights (a state dict of GPT(config)) as a Hugging Face folder, with the tokenizer files of
+    `tokenizer_folder` (the pretrained checkpoint) when given: ready for transformers and
+    lm-evaluation-harness (`lm_eval --model hf --model_args pretrained=OUT_DIR`)."""
+    out_dir = Path(out_dir)
+    with torch.device("meta"):  # no initialisation: the weights are those of `state_dict`
+        model = GPT(config)
+    model.load_state_dict(state_dict, assign=True)
+    save_pretrained(model, out_dir)
+    if tokenizer_folder is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_folder) / name).exists():
+                shutil.copy(Path(tokenizer_folder) / name, out_dir / name)
+    print(f"exported {out_dir}")

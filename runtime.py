@@ -1,0 +1,320 @@
+"""
+The plumbing of a training run, kept out of train.py so that the method's step reads top to bottom:
+processes (torchrun: DDP or FSDP2), device and precision (autocast, float16 loss scaling), pre-emption
+signals, checkpoint files, logs (console, jsonl, Weights & Biases) and progress (tok/s, MFU, ETA).
+Nothing here knows about reweighting.
+"""
+
+import json
+import os
+import signal
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+
+# -----------------------------------------------------------------------------
+# processes: torchrun starts one per GPU; a plain run is rank 0 of a world of 1
+
+def world():
+    """(rank, world size) of this process; (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_max(t):
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_sum(t):
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def all_cat(t):
+    """The tensors of all ranks, concatenated in rank order."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def grad_sync(model, last):
+    """DDP all-reduces gradients in a backward pass unless it runs under no_sync (forward included), so
+    the micro-batches of a step accumulate locally and only the last one communicates. FSDP has no
+    no_sync here on purpose: it reduce-scatters every micro-batch, which keeps gradients sharded."""
+    return nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def start(device_name, distributed):
+    """The device of this process; under torchrun also joins the process group (one GPU per process)."""
+    device = pick_device(device_name)
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def finish(distributed):
+    if distributed:  # leave together: a rank destroying its group while another still exports can hang
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def shard_or_move(model, device, dtype, fsdp):
+    """FSDP2: every block is a unit whose parameters are gathered just before use and freed after (compute
+    in `dtype`, gradients reduced in float32); otherwise the whole model moves to the device."""
+    if not fsdp:
+        return model.to(device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)  # also moves the shards to the device
+
+
+def compile_and_wrap(model, compile, ddp, device):
+    if compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# device and precision
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def precision(dtype, device):
+    """(autocast context, loss scaler): bf16/fp16 matmuls under autocast; float16 also needs its
+    gradients scaled up so that small ones do not underflow (the scaler is a no-op otherwise)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: much faster, ~fp32 loss
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+    return ctx, torch.amp.GradScaler(device.type, enabled=(dtype == "float16"))
+
+
+def optimizer_step(optimizer, scaler, params, grad_clip):
+    """Clip and step. Returns False where float16 gradients overflowed: the scaler then skips the
+    step and halves its scale, to try again next step."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= scale
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: the full (unsharded) state on rank 0's CPU, with parameter names as the optimizer's keys,
+# one format whatever the number of processes and with or without FSDP
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model, optimizer, device):
+    """Model, optimizer and every rank's RNG state, gathered (collectives under torchrun: all ranks call)."""
+    rng = [dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)]
+    if dist.is_initialized():  # every rank's own dropout stream, in rank order
+        own, rng = rng[0], [None] * dist.get_world_size()
+        dist.all_gather_object(rng, own)
+    return dict(model=model_state(model), rng=rng,
+                optimizer=get_optimizer_state_dict(model, optimizer, options=FULL_STATE))
+
+
+def model_state(model):
+    return get_model_state_dict(model, options=FULL_STATE)
+
+
+def restore(ckpt, model, optimizer, scaler, device):
+    """Resume: optimizer, loss scale and this rank's RNG as they were; returns the step to go on from."""
+    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=FULL_STATE)
+    scaler.load_state_dict(ckpt["scaler"])
+    rank = world()[0]
+    if rank < len(ckpt["rng"]):  # a checkpoint of a smaller world has no state for this rank
+        torch.set_rng_state(ckpt["rng"][rank]["torch"])
+        if device.type == "cuda" and ckpt["rng"][rank].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    return ckpt["step"]
+
+
+def save_checkpoint(obj, out_dir, keep_last):
+    """Write out_dir/ckpt-<step>.pt, point out_dir/ckpt.pt at it, keep the newest keep_last.
+
+    Every file is written under a temporary name, flushed to disk and then renamed (atomic), and old
+    checkpoints are pruned only after that: a crash at any moment leaves ckpt.pt complete, either the
+    old one or the new one, never a torn one."""
+    path = out_dir / f"ckpt-{obj['step']:07d}.pt"
+    tmp = out_dir / "ckpt.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    os.link(path, tmp)  # ckpt.pt: a second name for the same file, swapped in atomically
+    os.replace(tmp, out_dir / "ckpt.pt")
+    fd = os.open(out_dir, os.O_RDONLY)  # make the renames themselves durable
+    os.fsync(fd)
+    os.close(fd)
+    for old in sorted(out_dir.glob("ckpt-*.pt"))[:-keep_last]:
+        old.unlink()
+
+
+def load_checkpoint(path):
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: check --init_from / --out_dir")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a checkpoint at all
+        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}): resume from an older "
+                         f"ckpt-*.pt beside it (copy it to ckpt.pt) or start again") from None
+
+
+def drop_records_after(path, step):
+    """Keep the JSON lines of steps before `step` (and the evaluation at `step` itself)."""
+    if path.exists():
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        keep = [r for r in records if r["step"] < step or (r.get("type") == "eval" and r["step"] == step)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+# -----------------------------------------------------------------------------
+# signals: a pre-empted or interrupted run finishes its step, checkpoints it and exits 0
+
+class StopSignal:
+    def __init__(self):
+        self.received = []
+        self.previous = {sig: signal.signal(sig, lambda signum, frame: self.received.append(signum))
+                         for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def requested(self, device):
+        """True on every rank once any rank got SIGTERM/SIGINT: the ranks may get it at different moments."""
+        if not dist.is_initialized():
+            return bool(self.received)
+        return all_max(torch.tensor(float(bool(self.received)), device=device)).item() > 0
+
+    def name(self):
+        return signal.Signals(self.received[0]).name if self.received else "a signal"
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# -----------------------------------------------------------------------------
+# logs and progress: rank 0 alone prints and writes
+
+class RunLog:
+    """out_dir/log.jsonl (train and eval records), out_dir/weights.jsonl (every sample's loss and weight),
+    the console, and optionally Weights & Biases. On resume, records past the checkpoint are dropped."""
+
+    def __init__(self, out_dir, args, resume_step=None):
+        self.on = world()[0] == 0
+        if not self.on:
+            return
+        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
+        for name in ("log.jsonl", "weights.jsonl") if resume_step is not None else ():
+            drop_records_after(out_dir / name, resume_step)  # the run may have gone on past its checkpoint
+        mode = "w" if resume_step is None else "a"
+        self.log_file, self.weights_file = open(out_dir / "log.jsonl", mode), open(out_dir / "weights.jsonl", mode)
+        self.wandb = None
+        if args.wandb:
+            import wandb
+            self.wandb = wandb
+            wandb.init(project=args.wandb, name=out_dir.name, config=vars(args))
+
+    def print(self, text, file=None):
+        if self.on:
+            print(text, file=file, flush=True)
+
+    def record(self, record, text):
+        """A train or eval record: log.jsonl, the console line `text`, and wandb."""
+        if self.on:
+            self.print(text)
+            write_line(self.log_file, record)
+            if self.wandb:
+                self.wandb.log({k: v for k, v in record.items() if k not in ("type", "step")}, step=record["step"])
+
+    def weights(self, record):
+        if self.on:
+            write_line(self.weights_file, record)
+
+    def close(self):
+        if self.on:
+            self.log_file.close()
+            self.weights_file.close()
+
+
+def write_line(file, record):
+    file.write(json.dumps(record) + "\n")
+    file.flush()
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' spec sheets, FLOP/s. MFU is reported
+# only for a GPU named here, rather than against a guess.
+PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12,
+              "H100 PCIe": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device, dtype):
+    if device.type != "cuda" or dtype == "float32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class Progress:
+    """Throughput, model FLOPs utilisation and time left, for the progress line."""
+
+    def __init__(self, config, n_params, block_size, device, dtype, first_step, max_iters):
+        # model FLOPs per token of a training step (forward + backward = 3 x forward): 6 per parameter plus
+        # attention's 12 * layers * width * context (the PaLM appendix's count)
+        attention = 12 * config.n_layer * config.n_head * config.head_dim * block_size
+        self.flops_per_token, self.block_size = 6 * n_params + attention, block_size
+        self.peak = peak_flops(device, dtype)
+        self.t_start, self.first_step, self.max_iters = time.time(), first_step, max_iters
+
+    def update(self, record, step, dt, n_tokens, n_samples):
+        """Adds tok_per_s (and mfu) to the step's record; returns the line's tail."""
+        record["tok_per_s"] = n_tokens / dt
+        eta = (time.time() - self.t_start) / (step + 1 - self.first_step) * (self.max_iters - step - 1)
+        mfu = ""
+        if self.peak:  # an ERM step's FLOPs over the effective batch, against the GPUs' dense bf16 peak
+            record["mfu"] = self.flops_per_token * n_samples * self.block_size / dt / (self.peak * world()[1])
+            mfu = f" | MFU {record['mfu']:.1%}"
+        return f"{n_tokens / dt / 1e3:.1f}k tok/s{mfu} | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min"
