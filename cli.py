@@ -4,7 +4,9 @@ train.py's command line: its flags, the defaults that depend on the kind of run 
 """
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -121,3 +123,19 @@ def check(args, size, distributed):
     n = args.batch_size * args.grad_accum * size
     # the method's own checks (tau > 0, skip + keep <= 1, ...), on a batch of n zero losses
     reweight.weights(torch.zeros(n), args.method, **method_hparams(args))
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401  (optional: never required)
+        except ImportError:
+            raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb") from None
+
+
+def check_out_dir(args):
+    """--out_dir can be written (made if missing): checked last, once every other input is known good."""
+    try:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(args.out_dir) / f".writable-{os.getpid()}"  # one per process: torchrun's ranks check at once
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to --out_dir {args.out_dir} ({e.strerror}): choose a writable folder") from None

@@ -8,9 +8,8 @@ Train a GPT with per-sample losses reweighted by ERM, MidRanking or IR-DRO.
 
 Every optimizer step sees an effective batch of n = batch_size * grad_accum * world_size samples
 (documents or chunks of documents). reweight.py turns their detached losses l_1..l_n into weights
-w_1..w_n and the step descends sum_i w_i l_i: the weights of the *whole* effective batch, across all
-processes, exactly, while only one micro-batch's graph is alive at a time (see forward_backward).
-Read in this order: step_samples (the data of a step), forward_backward (the method), main (the loop).
+w_1..w_n and the step descends sum_i w_i l_i: the weights of the *whole* effective batch, exactly, with
+one micro-batch's graph alive at a time. Read step_samples, forward_backward (the method), then train.
 """
 
 import functools
@@ -158,15 +157,12 @@ def streamed(model, batches, score, ctx, backward, params):
 
 
 def scored(model, batches, method, hparams, ctx, backward):
-    """Any method: score the whole batch first, compute the weights, then forward and backward only the
-    samples that weigh, re-packed into micro-batches; dropped samples never pay for a backward pass.
-
-    The scoring forward builds no graph, except for the last micro-batch in one process: it keeps one graph
-    per sample, so that once the weights are known its kept samples are backpropagated at once (no second
-    forward) and the graphs of its dropped ones are freed (no backward). One micro-batch's graphs, as ERM.
-    Under torchrun the ranks gather the scores (n floats) and every micro-batch is scored without graphs
-    (DDP/FSDP expect one forward per backward); a rank that keeps none joins the gradient sync with one
-    sample of weight 0."""
+    """Any method: score the whole batch, compute the weights, then forward and backward only the samples
+    that weigh, re-packed into micro-batches: dropped samples never pay for a backward pass. The scoring
+    builds no graph, except in one process for the last micro-batch: one graph per sample, so that its kept
+    samples are backpropagated at once (no second forward) and its dropped ones freed, one micro-batch's
+    graphs as in ERM. Under torchrun (DDP/FSDP expect one forward per backward) no scoring graph is kept,
+    the ranks gather the scores, and a rank that keeps none joins the gradient sync with a weight-0 sample."""
     rank, size = world()
     first = batches[:-1] if size == 1 else batches  # scored without graphs, forwarded again if kept
     with torch.no_grad(), ctx:
@@ -230,18 +226,7 @@ def setup(args, size=1, distributed=False):
     if len(val_data["start"]) == 0:
         raise ValueError(f"no validation samples in {data_dir}: re-run prepare_data.py with a larger --val_fraction")
     model, ckpt = build_model(args, train_data["meta"], data_dir)
-    if args.wandb:
-        try:
-            import wandb  # noqa: F401  (optional: never required)
-        except ImportError:
-            raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb") from None
-    try:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        probe = Path(args.out_dir) / f".writable-{os.getpid()}"  # one per process: torchrun's ranks check at once
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"cannot write to --out_dir {args.out_dir} ({e.strerror}): choose a writable folder") from None
+    cli.check_out_dir(args)
     return train_data, val_data, model, ckpt
 
 
