@@ -44,7 +44,8 @@ def build_parser(description="Train a GPT with per-sample losses reweighted by E
     a = p.add_argument
     # reweighting
     a("--method", default="irdro", choices=reweight.METHODS, help="how per-sample losses are weighted")
-    a("--tau", type=float, default=1.0, help="IR-DRO temperature: w = softmax(loss / tau)")
+    a("--tau", type=float, default=1.0,
+      help="IR-DRO temperature: w = softmax(loss / tau); smaller = more weight on the hardest samples")
     a("--skip", type=float, default=0.125, help="MidRanking: fraction of highest-loss samples skipped")
     a("--keep", type=float, default=0.5, help="MidRanking: fraction kept after the skipped ones")
     # data
