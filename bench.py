@@ -58,7 +58,7 @@ def main():
         prepare_data.prepare()
     data = train.load_split(data_dir, "train", args.block_size)
     torch.manual_seed(0)
-    model = GPT(train.scratch_config(args, data["meta"]["vocab_size"])).to(device)
+    model = GPT(cli.scratch_config(args, data["meta"]["vocab_size"])).to(device)
     optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device.type)
     n_params = model.num_params()
     if args.compile:

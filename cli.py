@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+import model
 import prepare_data
 import reweight
 import runtime
@@ -140,3 +141,10 @@ def check_out_dir(args):
         probe.unlink()
     except OSError as e:
         raise ValueError(f"cannot write to --out_dir {args.out_dir} ({e.strerror}): choose a writable folder") from None
+
+
+def scratch_config(args, vocab_size):
+    """The model of a from-scratch run; the vocabulary is padded to a multiple of 64 (faster matmuls;
+    the extra tokens never occur and the model learns to give them ~zero probability)."""
+    return model.GPTConfig(block_size=args.block_size, vocab_size=-(-vocab_size // 64) * 64, n_layer=args.n_layer,
+                     n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)

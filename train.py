@@ -53,11 +53,11 @@ def load_split(data_dir, split, block_size):
     offsets, ids = docs["offsets"], docs["ids"]
     n_targets = np.maximum(np.diff(offsets) - 1, 0)
     n_chunks = -(-n_targets // block_size)  # ceil division
-    d = np.repeat(np.arange(len(ids)), n_chunks)  # document index of every sample
-    chunk = np.arange(len(d)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
-    start = offsets[d] + chunk * block_size
-    end = np.minimum(start + block_size + 1, offsets[d + 1])  # tokens [start, end) of the sample
-    return dict(tokens=tokens, start=start, end=end, doc=ids[d], meta=meta, mask=mask)
+    doc = np.repeat(np.arange(len(ids)), n_chunks)  # document index of every sample
+    chunk = np.arange(len(doc)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
+    start = offsets[doc] + chunk * block_size
+    end = np.minimum(start + block_size + 1, offsets[doc + 1])  # tokens [start, end) of the sample
+    return dict(tokens=tokens, start=start, end=end, doc=ids[doc], meta=meta, mask=mask)
 
 
 def get_batch(data, samples, block_size, device):
@@ -66,11 +66,11 @@ def get_batch(data, samples, block_size, device):
     are IGNORE_INDEX so it never counts in a loss."""
     x = np.zeros((len(samples), block_size), dtype=np.int64)
     y = np.full((len(samples), block_size), IGNORE_INDEX, dtype=np.int64)
-    for row, s in enumerate(samples):
-        seq = data["tokens"][data["start"][s]:data["end"][s]].astype(np.int64)
+    for row, sample in enumerate(samples):
+        seq = data["tokens"][data["start"][sample]:data["end"][sample]].astype(np.int64)
         x[row, :len(seq) - 1], y[row, :len(seq) - 1] = seq[:-1], seq[1:]
         if data.get("mask") is not None:  # instruction data: only response tokens (and the eos) are targets
-            target = data["mask"][data["start"][s] + 1:data["end"][s]]
+            target = data["mask"][data["start"][sample] + 1:data["end"][sample]]
             y[row, :len(seq) - 1][target == 0] = IGNORE_INDEX
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
@@ -82,8 +82,9 @@ def step_samples(seed, step, n, n_samples):
     """The n samples of optimizer step `step`: positions step*n .. step*n+n-1 of an endless stream
     of epochs, each a fresh permutation. A function of (seed, step, n) alone, so the data does not
     depend on how the step is split into micro-batches or processes, and resume needs no state."""
-    g = step * n + np.arange(n)
-    return np.array([epoch_order(seed, e, n_samples)[i] for e, i in zip(g // n_samples, g % n_samples)])
+    position = step * n + np.arange(n)
+    return np.array([epoch_order(seed, epoch, n_samples)[i]
+                     for epoch, i in zip(position // n_samples, position % n_samples)])
 
 
 @functools.lru_cache(maxsize=2)
@@ -116,7 +117,7 @@ def forward_backward(model, batches, method, hparams, ctx, scale=lambda loss: lo
     fn, hp = reweight.method(method, **hparams)
     if getattr(fn, "score", None) is None:
         return scored(model, batches, method, hparams, ctx, backward)
-    losses, w = streamed(model, batches, lambda l: fn.score(l, **hp), ctx, backward, params)
+    losses, w = streamed(model, batches, lambda losses: fn.score(losses, **hp), ctx, backward, params)
     # the shortcut must agree with the definition: an edited reweight.py function fails loudly here
     w_def = reweight.weights(losses, method, **hparams)
     if not (torch.isclose(w, w_def, rtol=1e-2, atol=1e-6).all() | ~torch.isfinite(losses).all()):
@@ -140,15 +141,14 @@ def streamed(model, batches, score, ctx, backward, params):
         with grad_sync(model, last=i == len(batches) - 1):
             with ctx:
                 _, loss = model(x, y)
-            l = loss.detach()
-            losses.append(l)
-            s = score(l)
-            new_top = torch.maximum(top, all_max(s.max()))
+            losses.append(loss.detach())
+            scores = score(loss.detach())
+            new_top = torch.maximum(top, all_max(scores.max()))
             if i > 0:  # no .item(): the rescale never waits for the device
                 factor = torch.exp(top - new_top)
                 torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
                 norm = norm * factor
-            coef = torch.exp(s - new_top)
+            coef = torch.exp(scores - new_top)
             norm, top = norm + coef.sum(), new_top
             backward((loss * coef).sum())
     torch._foreach_div_([p.grad for p in params if p.grad is not None], all_sum(norm))
@@ -258,7 +258,7 @@ def build_model(args, meta, data_dir):
     else:
         if args.n_embd % args.n_head:
             raise ValueError(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
-        model = GPT(scratch_config(args, meta["vocab_size"]))
+        model = GPT(cli.scratch_config(args, meta["vocab_size"]))
     if args.block_size > model.config.block_size:
         raise ValueError(f"--block_size {args.block_size} exceeds the model's {model.config.block_size} positions")
     if meta["vocab_size"] > model.config.vocab_size:
@@ -266,13 +266,6 @@ def build_model(args, meta, data_dir):
                          f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
     model.grad_ckpt = args.grad_ckpt
     return model, ckpt
-
-
-def scratch_config(args, vocab_size):
-    """The model of a from-scratch run; the vocabulary is padded to a multiple of 64 (faster matmuls;
-    the extra tokens never occur and the model learns to give them ~zero probability)."""
-    return GPTConfig(block_size=args.block_size, vocab_size=-(-vocab_size // 64) * 64, n_layer=args.n_layer,
-                     n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)
 
 
 def tokenizer_id(meta):
@@ -338,9 +331,8 @@ def main(argv=None):
     log = runtime.RunLog(Path(args.out_dir), args, resume_step=step if resume else None)
     n = args.batch_size * args.grad_accum * world()[1]
     log.print(f"{raw_model.num_params() / 1e6:.2f}M parameters | {args.method} | {len(train_data['start'])} train "
-              f"samples | effective batch {n} = {args.batch_size} x {args.grad_accum}" +
-              (f" x {world()[1]} processes" if distributed else "") + f" | {device} {dtype}" +
-              (" | FSDP" if args.fsdp else ""))
+              f"samples | effective batch {n} = {args.batch_size} x {args.grad_accum}" + (f" x {world()[1]} "
+              f"processes" if distributed else "") + f" | {device} {dtype}" + (" | FSDP" if args.fsdp else ""))
     val_loss = train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, val_data, step, log)
     state = runtime.model_state(raw_model)  # FSDP: a collective
     if log.on:
