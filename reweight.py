@@ -81,11 +81,11 @@ def tilted_loss(losses, tau):
 
 
 def method(name, **hparams):
-    """(the weight function `name` as defined now, the entries of `hparams` it takes by argument name)."""
+    """(the weight function `name` as defined now, the entries of `hparams` it takes, by argument name)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
     fn = globals()[name]
-    return fn, {k: hparams[k] for k in list(inspect.signature(fn).parameters)[1:]}
+    return fn, {k: hparams[k] for k in list(inspect.signature(fn).parameters)[1:] if k in hparams}
 
 
 def weights(losses, name, **hparams):

@@ -113,6 +113,24 @@ def test_unknown_method():
         reweight.weights(torch.rand(3), "focal")
 
 
+@pytest.mark.parametrize("tau", [0.05, 1.0, 30.0])
+def test_a_declared_score_is_the_methods_own_softmax(tau):
+    """train.py streams a method with a .score as softmax(score): that must be the method itself."""
+    torch.manual_seed(0)
+    losses = torch.rand(64) * 8
+    streamable = [name for name in reweight.METHODS if hasattr(getattr(reweight, name), "score")]
+    assert streamable == ["erm", "irdro"]
+    for name in streamable:
+        fn, hp = reweight.method(name, tau=tau, skip=0.1, keep=0.5)
+        assert torch.allclose(torch.softmax(fn.score(losses, **hp), dim=0), fn(losses, **hp), rtol=1e-5, atol=1e-8)
+
+
+def test_weights_never_downcast():
+    losses = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert reweight.weights(losses, "irdro", tau=1.0).dtype == torch.float64
+    assert reweight.weights(losses.to(torch.bfloat16), "irdro", tau=1.0).dtype == torch.float32
+
+
 def test_effective_sample_size():
     assert reweight.effective_sample_size(torch.full((10,), 0.1)) == pytest.approx(10)
     assert reweight.effective_sample_size(torch.tensor([0.0, 1.0, 0.0])) == pytest.approx(1)
