@@ -207,14 +207,7 @@ def setup(args, size=1, distributed=False):
     `distributed`: started by torchrun."""
     cli.check(args, size, distributed)
     n = args.batch_size * args.grad_accum * size
-    data_dir = Path(args.data)
-    if not (data_dir / "meta.json").exists():
-        if data_dir.resolve() != prepare_data.DEFAULT_DATA_DIR.resolve():
-            raise FileNotFoundError(f"no prepared data in {data_dir} (meta.json missing): run "
-                                    f"python prepare_data.py --dataset YOUR_DATA --out_dir {data_dir}")
-        if size > 1:  # several processes would write the same files at once
-            raise FileNotFoundError(f"{data_dir} is not prepared yet: run python prepare_data.py once, then torchrun")
-        prepare_data.prepare()  # the embedded default corpus: prepare it on first use
+    data_dir = prepare_data.ensure_prepared(Path(args.data), size)
     train_data = load_split(data_dir, "train", args.block_size)
     val_data = load_split(data_dir, "val", args.block_size)
     n_train = len(train_data["start"])
@@ -244,15 +237,15 @@ def build_model(args, meta, data_dir):
         except (KeyError, TypeError, RuntimeError) as e:
             raise ValueError(f"{path} is not a checkpoint of this code's GPT ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:120]}): pass a train.py out_dir") from None
-        if ckpt.get("tokenizer") != tokenizer_id(meta):
+        if ckpt.get("tokenizer") != prepare_data.tokenizer_id(meta):
             raise ValueError(f"{path} was trained on {ckpt.get('tokenizer')} tokens but {data_dir} holds "
-                             f"{tokenizer_id(meta)} tokens: prepare the data with the model's tokenizer")
+                             f"{prepare_data.tokenizer_id(meta)} tokens: prepare the data with the model's tokenizer")
     elif args.pretrained:
         folder = hf.checkpoint_folder(args.pretrained)
         # float32 master weights: AdamW's tiny updates (lr 2e-6) would vanish in bf16 weights; the
         # forward and backward passes still run in bf16 under autocast on GPUs
         model = hf.load_pretrained(folder, dtype=torch.float32)
-        if prepare_data.load_tokenizer(folder).fingerprint != tokenizer_id(meta):
+        if prepare_data.load_tokenizer(folder).fingerprint != prepare_data.tokenizer_id(meta):
             raise ValueError(f"{data_dir} was tokenized with {meta['tokenizer']}, not with the tokenizer of "
                              f"{args.pretrained}: run python prepare_data.py --tokenizer {args.pretrained} ...")
     else:
@@ -266,11 +259,6 @@ def build_model(args, meta, data_dir):
                          f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
     model.grad_ckpt = args.grad_ckpt
     return model, ckpt
-
-
-def tokenizer_id(meta):
-    """What identifies a data folder's tokenizer: the fingerprint of its vocabulary where recorded."""
-    return meta.get("tokenizer_fingerprint") or meta["tokenizer"]
 
 
 # -----------------------------------------------------------------------------
@@ -305,9 +293,7 @@ def evaluate(model, data, samples, batch_size, block_size, device, ctx):
     model.train()
     if hasattr(model, "reshard"):  # FSDP keeps the root's parameters gathered after a forward: free them
         model.reshard()  # (and register the sharded ones again, for forward_backward)
-    if size > 1:
-        total = all_sum(torch.tensor(total, dtype=torch.float64, device=device)).item()
-    return total / len(samples)
+    return all_sum(torch.tensor(total, dtype=torch.float64, device=device)).item() / len(samples)
 
 
 def main(argv=None):
@@ -331,8 +317,8 @@ def main(argv=None):
     log = runtime.RunLog(Path(args.out_dir), args, resume_step=step if resume else None)
     n = args.batch_size * args.grad_accum * world()[1]
     log.print(f"{raw_model.num_params() / 1e6:.2f}M parameters | {args.method} | {len(train_data['start'])} train "
-              f"samples | effective batch {n} = {args.batch_size} x {args.grad_accum}" + (f" x {world()[1]} "
-              f"processes" if distributed else "") + f" | {device} {dtype}" + (" | FSDP" if args.fsdp else ""))
+              f"samples | effective batch {n} = {args.batch_size} x {args.grad_accum} x {world()[1]} processes | "
+              f"{device} {dtype}" + (" | FSDP" if args.fsdp else ""))
     val_loss = train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, val_data, step, log)
     state = runtime.model_state(raw_model)  # FSDP: a collective
     if log.on:
@@ -360,7 +346,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
         if rank == 0:
             runtime.save_checkpoint(dict(state, scaler=scaler.state_dict(), model_args=asdict(raw_model.config),
                                          args=vars(args), step=step, val_loss=val_loss,
-                                         tokenizer=tokenizer_id(train_data["meta"])), Path(args.out_dir), args.keep_last)
+                                         tokenizer=prepare_data.tokenizer_id(train_data["meta"])), Path(args.out_dir), args.keep_last)
 
     while True:
         if step != last_eval and (step % args.eval_interval == 0 or step == args.max_iters):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import instruct
 import prepare_data
 import train
 from model import GPT, GPTConfig, IGNORE_INDEX
@@ -99,10 +100,10 @@ def test_get_batch_ignores_prompt_targets_and_loss_is_mean_over_response(shapes)
 
 def test_truncation_rule():
     p, r = list(range(10)), list(range(100, 105))
-    assert prepare_data.truncate(p, r, 17) == (p, r, True, False)  # 1 + 10 + 5 + 1 fits
-    assert prepare_data.truncate(p, r, 12) == (p[-5:], r, True, True)  # prompt cut from the left
-    assert prepare_data.truncate(p, r, 7) == ([], r, True, True)  # just fits without the prompt
-    assert prepare_data.truncate(p, r, 5) == ([], r[:4], False, True)  # response cut at the end, no eos
+    assert instruct.truncate(p, r, 17) == (p, r, True, False)  # 1 + 10 + 5 + 1 fits
+    assert instruct.truncate(p, r, 12) == (p[-5:], r, True, True)  # prompt cut from the left
+    assert instruct.truncate(p, r, 7) == ([], r, True, True)  # just fits without the prompt
+    assert instruct.truncate(p, r, 5) == ([], r[:4], False, True)  # response cut at the end, no eos
 
 
 def test_truncation_counts(tmp_path):
@@ -120,7 +121,7 @@ def test_truncation_counts(tmp_path):
     tokens, mask = ex[1]  # the prompt lost its start: ends "... word\n\n### Response:\n", then "yes" + eos
     assert len(tokens) == 20 and tok.decode(tokens[mask == 1].tolist()) == "yes<|endoftext|>"
     assert tok.decode(tokens[1:][mask[1:] == 0].tolist()).endswith("word word\n\n### Response:\n")
-    full_prompt = tok.encode(prepare_data.plain_prompt(long_prompt, None))[1:]
+    full_prompt = tok.encode(instruct.plain_prompt(long_prompt, None))[1:]
     assert tokens[1:][mask[1:] == 0].tolist() == full_prompt[-(20 - 2 - (mask == 1).sum() + 1):]
     tokens, mask = ex[2]  # the response alone is too long: its first 19 tokens, no prompt, no eos
     assert len(tokens) == 20 and mask[1:].all() and tokens[-1] != tok.eos
@@ -134,8 +135,9 @@ def test_text_format_unchanged(tiny_data):
 
 
 def test_demo_set_and_block_size_check(tmp_path, capsys):
-    a = prepare_data.demo_instruct_records()
-    assert a == prepare_data.demo_instruct_records() and 200 <= len(a) <= 1000
+    scenes = prepare_data.read_jsonl_gz(prepare_data.EMBEDDED_CORPUS)
+    a = instruct.demo_records(scenes)
+    assert a == instruct.demo_records(scenes) and 200 <= len(a) <= 1000
     out = prepare_data.prepare(out_dir=tmp_path / "d", format="instruct", max_len=65, max_docs=30)
     assert (out / "train_mask.bin").stat().st_size == (out / "train.bin").stat().st_size // 2
     with pytest.raises(SystemExit) as e:

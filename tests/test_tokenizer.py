@@ -220,13 +220,15 @@ def test_llama_bos_by_default(spm_model, tmp_path):
     assert prepare_data.load_tokenizer(folder).encode("Hello")[0] == 1
 
 
-def test_sentencepiece_piece_types(spm_model):
-    types, model_type = prepare_data.spm_piece_types(spm_model)
+def test_sentencepiece_pieces(llama_dirs, spm_model):
+    # every kind of piece of a tokenizer.model keeps its id: unknown, control (<s> </s>), user-defined (<sep>), bytes
+    tok = prepare_data.load_tokenizer(llama_dirs["spm"])
     sp = sentencepiece.SentencePieceProcessor(model_proto=spm_model)
-    assert model_type == 2 and len(types) == sp.get_piece_size() == 800  # BPE
-    assert types[:4] == [2, 3, 3, 4] and sp.id_to_piece(3) == "<sep>"  # unk, control <s> </s>, user-defined
-    assert all((t == 6) == sp.is_byte(i) for i, t in enumerate(types))
-    assert all(t in (1, 6) for t in types[4:])
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<sep>"]
+    assert tok.hf.get_vocab() == {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}  # all 800, no extras
+    assert (tok.bos, tok.eos) == (1, 2)
+    text = "x<sep>y 🙂"  # a user-defined piece inside a text, and a character only byte fallback can spell
+    assert tok.encode(text) == [1] + sp.encode(text) and sum(sp.is_byte(i) for i in sp.encode(text)) == 4
 
 
 # ---- prepare() with a checkpoint's tokenizer
