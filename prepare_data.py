@@ -5,6 +5,7 @@ plus document boundaries.
     python prepare_data.py                                   # embedded Shakespeare -> data/shakespeare (offline)
     python prepare_data.py --dataset my_corpus.jsonl.gz      # local text/json/jsonl/parquet file, folder or glob
     python prepare_data.py --dataset roneneldan/TinyStories  # a Hugging Face hub dataset (needs the network)
+    python prepare_data.py --dataset saved_dir               # a folder written by datasets' save_to_disk
     python prepare_data.py --tokenizer ckpt/Sheared-LLaMA-1.3B  # a checkpoint's own tokenizer (local folder)
                                                              #   -> data/shakespeare-Sheared-LLaMA-1.3B
     python prepare_data.py --tokenizer facebook/opt-125m     # hub name: downloads its tokenizer files only
@@ -223,9 +224,18 @@ def load_texts(dataset, text_field, split, sample_by, max_docs, records=False):
         # our own jsonl.gz: read it directly, so the default path needs neither datasets nor its cache
         records = read_jsonl_gz(EMBEDDED_CORPUS)[:max_docs]
         return pick(list(records[0]), lambda k: [r.get(k) for r in records], text_field, "embedded:shakespeare")
-    files, builder = local_files(dataset) if looks_local(dataset) else (None, None)  # bad paths fail fast
+    saved = Path(dataset).expanduser()
+    saved = saved if (saved / "state.json").is_file() or (saved / "dataset_dict.json").is_file() else None
+    files, builder = local_files(dataset) if looks_local(dataset) and not saved else (None, None)  # bad paths fail fast
     import datasets
 
+    if saved:  # a folder written by Dataset(Dict).save_to_disk: arrow files plus json metadata, not json data
+        ds = datasets.load_from_disk(str(saved))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{dataset!r} has splits {sorted(ds)}, not {split!r}: pass --split with one of them")
+            ds = ds[split]
+        return pick_ds(ds, text_field, max_docs, dataset, records)
     if files is None:
         try:
             ds = datasets.load_dataset(dataset, split=split)

@@ -183,6 +183,22 @@ def test_parquet(tmp_path):
     assert decoded_docs(out) == {i: d["text"] for i, d in enumerate(DOCS) if d["text"].strip()}
 
 
+def test_save_to_disk_folders(tmp_path):
+    # a Dataset.save_to_disk folder holds arrow files plus json metadata: the records come from the arrow files
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"text": d["text"], "title": f"t{i}"} for i, d in enumerate(DOCS)])
+    ds.save_to_disk(str(tmp_path / "saved"))
+    want = {i: d["text"] for i, d in enumerate(DOCS) if d["text"].strip()}
+    out = prepare_data.prepare(str(tmp_path / "saved"), out_dir=tmp_path / "o")
+    assert decoded_docs(out) == want
+    assert json.loads((out / "titles.json").read_text()) == [f"t{i}" for i in range(len(DOCS))]
+    # a DatasetDict folder: the --split is picked; a missing split is one line naming the ones there
+    datasets.DatasetDict(train=ds, test=ds.select([0, 1])).save_to_disk(str(tmp_path / "dict"))
+    assert decoded_docs(prepare_data.prepare(str(tmp_path / "dict"), out_dir=tmp_path / "o2")) == want
+    with pytest.raises(prepare_data.DataError, match=r"splits \['test', 'train'\], not 'validation'"):
+        prepare_data.prepare(str(tmp_path / "dict"), out_dir=tmp_path / "o3", split="validation")
+
+
 def test_embedded_corpus(tmp_path):
     out = prepare_data.prepare(out_dir=tmp_path / "shakespeare")
     meta = json.loads((out / "meta.json").read_text())
