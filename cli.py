@@ -81,7 +81,9 @@ def build_parser(description="Train a GPT with per-sample losses reweighted by E
     a("--eval_interval", type=int, default=50, help="evaluate and checkpoint every this many steps")
     a("--keep_last", type=int, default=2, help="checkpoints kept in out_dir (ckpt.pt is the latest)")
     a("--eval_samples", type=int, default=128, help="held-out samples in the val loss")
-    a("--out_dir", default="out/{method}", help="where checkpoints and logs go; {method} is replaced")
+    a("--out_dir", default="out/{run}", help="where checkpoints and logs go; {run} is replaced by the method and "
+      "its settings (out/irdro-tau1.0, out/midrank-skip0.125-keep0.5, out/erm), {method} by the method")
+    a("--overwrite", action="store_true", help="replace another run's files in --out_dir (refused otherwise)")
     a("--seed", type=int, default=1337, help="model init and the data order")
     a("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (needs `pip install wandb`)")
     # system
@@ -96,12 +98,26 @@ def build_parser(description="Train a GPT with per-sample losses reweighted by E
 
 
 def get_args(argv=None, parser=None):
-    args = (parser or build_parser()).parse_args(argv)
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
     for flag, value in (PRETRAINED_DEFAULTS if args.pretrained else SCRATCH_DEFAULTS).items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
-    args.out_dir = args.out_dir.format(method=args.method)
-    args.compile = args.compile is True or (args.compile == "auto" and runtime.pick_device(args.device).type == "cuda")
+    # a method flag on the command line that the method does not take is ignored: say so (sweeps pass them all)
+    given = {a.dest for a in parser._actions if a.option_strings and any(
+        arg == s or arg.startswith(s + "=") for arg in (sys.argv[1:] if argv is None else argv) for s in a.option_strings)}
+    _, taken = reweight.method(args.method, **method_hparams(args))
+    for flag in sorted(given & set(METHOD_FLAGS) - set(taken)):
+        takes = ", ".join(f"--{k}" for k in taken) or "no method flags"
+        print(f"{parser.prog}: warning: --{flag} does not apply to --method {args.method} (it takes {takes}): "
+              "ignored", file=sys.stderr)
+    run = "-".join([args.method] + [f"{k}{v}" for k, v in taken.items() if v is not None])
+    args.out_dir = args.out_dir.format(method=args.method, run=run)
+    try:
+        device = runtime.pick_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    args.compile = args.compile is True or (args.compile == "auto" and device.type == "cuda")
     return args
 
 
@@ -122,6 +138,14 @@ def check(args, size, distributed):
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.max_iters < 0:
         raise ValueError(f"--max_iters must be >= 0, got {args.max_iters}")
+    for flag in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        if not getattr(args, flag) >= 0:  # AdamW would raise a traceback; NaN fails here too
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("beta1", "beta2", "dropout"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
+    if args.overwrite and args.init_from == "resume":
+        raise ValueError("--overwrite replaces the run in --out_dir, --init_from resume continues it: pass one")
     n = args.batch_size * args.grad_accum * size
     # the method's own checks (tau > 0, skip + keep <= 1, ...), on a batch of n zero losses
     reweight.weights(torch.zeros(n), args.method, **method_hparams(args))
@@ -132,13 +156,16 @@ def check(args, size, distributed):
             raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb") from None
 
 
-def check_out_dir(args):
-    """--out_dir can be written (made if missing): checked last, once every other input is known good."""
+def claim_out_dir(args):
+    """--out_dir can be written (made if missing) and is this run's (runtime.claim_out_dir; under torchrun
+    rank 0 claims it for all): checked last, once every other input is known good."""
     try:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         probe = Path(args.out_dir) / f".writable-{os.getpid()}"  # one per process: torchrun's ranks check at once
         probe.touch()
         probe.unlink()
+        if int(os.environ.get("RANK", "0")) == 0:
+            runtime.claim_out_dir(Path(args.out_dir), args.init_from == "resume", args.overwrite)
     except OSError as e:
         raise ValueError(f"cannot write to --out_dir {args.out_dir} ({e.strerror}): choose a writable folder") from None
 

@@ -1,8 +1,8 @@
 """
 Figures of a training run: what the reweighting did, and what it did to the loss.
 
-    python plot.py out/irdro out/erm out/midrank              # per-run figures + loss_curves.png
-    python plot.py out/irdro --steps 0 100 249                # loss-vs-weight at chosen steps
+    python plot.py out/irdro-tau1.0 out/erm                   # per-run figures + loss_curves.png
+    python plot.py out/irdro-tau1.0 --steps 0 100 249         # loss-vs-weight at chosen steps
     python plot.py --loss-hist out/base out/irdro_ct          # per-sample val loss, before / after
 
 Per run dir (train.py's log.jsonl, weights.jsonl, args.json) it writes weights_hist.png,
@@ -36,12 +36,20 @@ def load_run(run_dir):
     for name in ("log.jsonl", "weights.jsonl"):
         if not (run_dir / name).is_file():
             raise PlotError(f"no {name} in {run_dir}: pass a run dir written by train.py (its --out_dir)")
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    weights = [json.loads(line) for line in (run_dir / "weights.jsonl").read_text().splitlines() if line.strip()]
+    log, weights = (read_jsonl(run_dir / name) for name in ("log.jsonl", "weights.jsonl"))
     if not weights or not any(r["type"] == "train" for r in log):
         raise PlotError(f"{run_dir} has no training steps logged yet: train for at least one step")
     args = json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").is_file() else {}
     return dict(dir=run_dir, log=log, weights=weights, args=args, label=run_label(run_dir, args))
+
+
+def read_jsonl(path):
+    """train.py writes each record as one line ending in a newline, so what follows the last newline is a line
+    still being written (or torn by a kill): left out. A bad line before it means a damaged file."""
+    try:
+        return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.strip()]
+    except ValueError as e:
+        raise PlotError(f"{path} is damaged ({e}): re-run the training, or pass another run") from None
 
 
 def describe(args):

@@ -112,10 +112,6 @@ class DocTokenizer:
     def encode_batch(self, texts):
         return [[self.bos] + ids for ids in self._encode_batch(list(texts))]
 
-    def __repr__(self):
-        return (f"DocTokenizer({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos}, eos={self.eos}, "
-                f"fingerprint={self.fingerprint!r})")
-
 
 def tokenizer_id(meta):
     """What identifies a data folder's tokenizer (its meta.json): the fingerprint of its vocabulary where recorded."""
@@ -207,6 +203,18 @@ def looks_local(dataset):
             or kind(dataset) is not None)
 
 
+def bad_json_line(files):
+    """'FILE line N: ...' for the first line of a .jsonl file that is not JSON, or None."""
+    for f in (f for f in files if f.endswith((".jsonl", ".jsonl.gz"))):
+        with (gzip.open if f.endswith(".gz") else open)(f, "rt", encoding="utf-8") as lines:
+            for i, line in enumerate(lines, 1):
+                try:
+                    line.strip() and json.loads(line)
+                except ValueError as e:
+                    return f"{f} line {i} is not JSON ({e})"
+    return None
+
+
 def read_jsonl_gz(path):
     """The records of a vendored .jsonl.gz (assets/), read directly: no datasets, no cache."""
     with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -244,23 +252,19 @@ def load_texts(dataset, text_field, split, sample_by, max_docs, records=False):
                             "offline, pass a local file or folder instead") from e
         return pick_ds(ds, text_field, max_docs, dataset, records)
     kw = {"sample_by": sample_by} if builder == "text" else {}
-    # quiet while reading local files (a failure comes back to us as one exception), then as it was;
-    # a throwaway cache, as a local file can change under the same name, and nothing piles up in ~/.cache
-    verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    # quiet (a failure comes back to us as one exception); a throwaway cache, as a local file can change
+    # under the same name, and nothing piles up in ~/.cache
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
-    try:
-        with tempfile.TemporaryDirectory() as cache:
-            try:
-                ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **kw)
-            except Exception as e:
-                e = e.__cause__ or e  # datasets wraps the parser's error, which is the useful one
-                raise DataError(f"could not read {dataset!r} as {builder}: {type(e).__name__}: {e}") from e
-            return pick_ds(ds, text_field, max_docs, dataset, records)  # copies the columns out before the cache goes
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-        if bars:
-            datasets.enable_progress_bars()
+    with tempfile.TemporaryDirectory() as cache:
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **kw)
+        except Exception as e:
+            e = e.__cause__ or e  # datasets wraps the parser's error; its row numbers count within a block
+            why = ("no records (an empty file?)" if isinstance(e, StopIteration) else
+                   builder == "json" and bad_json_line(files) or f"{type(e).__name__}: {e}")
+            raise DataError(f"could not read {dataset!r} as {builder}: {why}") from e
+        return pick_ds(ds, text_field, max_docs, dataset, records)  # copies the columns out before the cache goes
 
 
 def pick_ds(ds, text_field, max_docs, dataset, records=False):
@@ -417,11 +421,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default=None, help="hub dataset name, or a local text/json/jsonl/parquet file "
-                   "(.gz ok except parquet), folder or glob; None means the embedded Shakespeare corpus")
+                   "(.gz ok except parquet), folder, glob or save_to_disk folder; None: the embedded Shakespeare")
     p.add_argument("--out_dir", default=None, help="where to write; None means data/<dataset name>")
     p.add_argument("--text_field", default="text", help="record field holding the document text")
-    p.add_argument("--sample_by", default="document", choices=["document", "paragraph", "line"],
-                   help="for plain-text files: what one document is")
+    p.add_argument("--sample_by", default="document", choices=["document", "paragraph", "line"], help="text files: a doc is")
     p.add_argument("--split", default="train", help="hub dataset split to read (local files have only train)")
     p.add_argument("--max_docs", type=int, default=None, help="use only the first N source documents; None means all")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of documents held out for val")

@@ -7,6 +7,7 @@ Nothing here knows about reweighting.
 
 import json
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -74,6 +75,8 @@ def finish(distributed):
     if distributed:  # leave together: a rank destroying its group while another still exports can hang
         dist.barrier()
         dist.destroy_process_group()
+    while HELD:  # the run folders this process wrote are free again
+        HELD.popitem()[1].close()
 
 
 def shard_or_move(model, device, dtype, fsdp):
@@ -101,8 +104,22 @@ def compile_and_wrap(model, compile, ddp, device):
 # device and precision
 
 def pick_device(name):
+    """--device as a torch.device; ValueError (one line) for a name torch does not know or a device not here."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda":
+            count = torch.cuda.device_count()
+        elif device.type == "mps":
+            count = int(torch.backends.mps.is_available())
+        else:
+            count = 1
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: this machine has {count} {device.type} device(s) visible to torch: "
+                             "use --device auto or cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -181,6 +198,7 @@ def save_checkpoint(obj, out_dir, keep_last):
     old one or the new one, never a torn one."""
     path = out_dir / f"ckpt-{obj['step']:07d}.pt"
     tmp = out_dir / "ckpt.tmp"
+    tmp.unlink(missing_ok=True)  # a kill between link and replace below leaves it a second name of a checkpoint
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -206,11 +224,55 @@ def load_checkpoint(path):
 
 
 def drop_records_after(path, step):
-    """Keep the JSON lines of steps before `step` (and the evaluation at `step` itself)."""
+    """Keep the JSON lines of steps before `step` (and the evaluation at `step` itself). Every record is written
+    as one line ending in a newline, so what follows the last newline is a line torn by a kill: dropped too."""
     if path.exists():
-        records = [json.loads(line) for line in path.read_text().splitlines()]
+        records = [json.loads(line) for line in path.read_text().split("\n")[:-1]]
         keep = [r for r in records if r["step"] < step or (r.get("type") == "eval" and r["step"] == step)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp = path.with_name(path.name + ".tmp")  # a kill while rewriting must not lose the records kept
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# the run folder: one run owns it, one process at a time writes it
+
+RUN_FILES = ("args.json", "log.jsonl", "weights.jsonl", "ckpt.pt", "ckpt.tmp", "hf")
+
+
+HELD = {}  # out_dir -> its lock file, held by this process until finish()
+
+
+def claim_out_dir(out_dir, resume, overwrite):
+    """Make out_dir this run's, once every other input is known good (nothing in it is touched before):
+    a lock held for the life of the process (a second writer is refused, naming the first; the OS drops the
+    lock when the process dies, even by SIGKILL), then another run's files are refused unless this run
+    continues them (resume) or replaces them (overwrite)."""
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.resolve() not in HELD:  # (one process may run several times into one folder, one after another)
+        lock = open(out_dir / ".lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ValueError(f"{out_dir} is being written by a running train.py ({holder}): wait for it to end, "
+                             "or choose another --out_dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        HELD[out_dir.resolve()] = lock
+    found = sorted(p for p in out_dir.iterdir() if p.name in RUN_FILES or p.match("ckpt-*.pt"))
+    if found and not resume:
+        if not overwrite:
+            names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+            raise ValueError(f"--out_dir {out_dir} holds another run ({names}): pass --overwrite to replace it, "
+                             "--init_from resume to continue it, or choose another --out_dir")
+        for p in found:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 # -----------------------------------------------------------------------------
@@ -248,6 +310,8 @@ class RunLog:
         if not self.on:
             return
         (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
+        if resume_step is not None:
+            print(f"resuming from step {resume_step} of {out_dir}", flush=True)
         for name in ("log.jsonl", "weights.jsonl") if resume_step is not None else ():
             drop_records_after(out_dir / name, resume_step)  # the run may have gone on past its checkpoint
         mode = "w" if resume_step is None else "a"

@@ -219,7 +219,7 @@ def setup(args, size=1, distributed=False):
     if len(val_data["start"]) == 0:
         raise ValueError(f"no validation samples in {data_dir}: re-run prepare_data.py with a larger --val_fraction")
     model, ckpt = build_model(args, train_data["meta"], data_dir)
-    cli.check_out_dir(args)
+    cli.claim_out_dir(args)
     return train_data, val_data, model, ckpt
 
 

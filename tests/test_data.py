@@ -227,12 +227,16 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("case", ["missing", "field", "too_few", "val_fraction", "extension"])
+@pytest.mark.parametrize("case", ["missing", "field", "too_few", "val_fraction", "extension", "empty", "bad_json"])
 def test_bad_input(tmp_path, case):
     src = write_jsonl(tmp_path / "d.jsonl", DOCS)
     one = write_jsonl(tmp_path / "one.jsonl", DOCS[:1])
     (tmp_path / "d.csv").write_text("text\nhi\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')
     args = {"missing": ["--dataset", "/nonexistent"],
+            "empty": ["--dataset", str(tmp_path / "empty.jsonl")],
+            "bad_json": ["--dataset", str(tmp_path / "bad.jsonl")],
             "field": ["--dataset", str(src), "--text_field", "body"],
             "too_few": ["--dataset", str(one)],
             "val_fraction": ["--dataset", str(src), "--val_fraction", "1.5"],
@@ -244,3 +248,7 @@ def test_bad_input(tmp_path, case):
     assert not (tmp_path / "out" / "meta.json").exists()
     if case == "field":
         assert "'body'" in lines[0] and "--text_field" in lines[0]
+    if case == "empty":
+        assert "no records" in lines[0]
+    if case == "bad_json":  # the file's own line number (datasets reports "row 1", counted within a block)
+        assert "bad.jsonl line 2 is not JSON" in lines[0]

@@ -98,3 +98,21 @@ def test_cli_error_from_a_shell(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "plot.py"), str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("plot.py: error: no log.jsonl in") and r.stderr.count("\n") == 1
+
+
+def test_a_torn_last_line_is_left_out_and_a_damaged_log_is_one_line(runs, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    whole = plot.load_run(run)
+    for name in ("log.jsonl", "weights.jsonl"):  # a run still writing, or killed mid-line
+        with open(run / name, "a") as f:
+            f.write('{"step": 4, "loss": [2.1')
+    torn = plot.load_run(run)
+    assert torn["log"] == whole["log"] and torn["weights"] == whole["weights"]
+    assert plot.main([str(run)])  # figures are drawn
+    (run / "log.jsonl").write_text('{"step": 0\n' + (runs[0] / "log.jsonl").read_text())
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(run)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"plot.py: error: {run / 'log.jsonl'} is damaged") and err.count("\n") == 1

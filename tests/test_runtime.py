@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import runtime
@@ -57,6 +58,63 @@ def test_drop_records_after_keeps_earlier_steps_and_the_eval_at_the_step(tmp_pat
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     runtime.drop_records_after(path, 2)
     assert [json.loads(line) for line in path.read_text().splitlines()] == records[:4]
+    # a line torn by a kill (no closing newline) is dropped whatever its step
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:2]) + '{"type": "train", "st')
+    runtime.drop_records_after(path, 5)
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in records[:2])
+
+
+HOLDER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import runtime
+from pathlib import Path
+runtime.claim_out_dir(Path({out!r}), False, False)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_one_writer_per_run_folder(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), out=str(out))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"being written by a running train.py \\(pid {holder.pid}\\)"):
+            runtime.claim_out_dir(out, resume=True, overwrite=True)  # whatever the flags
+    finally:
+        holder.kill()
+        holder.wait()
+    runtime.claim_out_dir(out, False, False)  # the OS released the lock of the killed process
+    runtime.claim_out_dir(out, False, False)  # and one process may claim its own folder again
+    runtime.finish(False)
+
+
+def test_a_folder_with_another_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # not a run file: a folder holding only this is free
+    runtime.claim_out_dir(out, False, False)
+    runtime.finish(False)
+    for name in ("log.jsonl", "ckpt-0000004.pt", "hf/config.json"):
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text("old")
+    with pytest.raises(ValueError, match="holds another run .*--overwrite.*--init_from resume"):
+        runtime.claim_out_dir(out, False, False)
+    runtime.finish(False)
+    assert (out / "log.jsonl").read_text() == "old"
+    runtime.claim_out_dir(out, True, False)  # resume: the run's files are its own
+    assert (out / "log.jsonl").exists()
+    runtime.claim_out_dir(out, False, True)  # overwrite: the old run's files go, other files stay
+    runtime.finish(False)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.txt"]
+
+
+@pytest.mark.parametrize("name,message", [("gpu", "'gpu' is not a device"), ("cuda:99", r"cuda device\(s\) visible")])
+def test_a_device_that_is_not_there_is_one_line(name, message):
+    with pytest.raises(ValueError, match=message):
+        runtime.pick_device(name)
 
 
 def test_stop_signal_is_recorded_and_the_old_handler_restored():

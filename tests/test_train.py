@@ -271,6 +271,10 @@ def test_continue_from_an_earlier_run(tiny_flags, tmp_path):
     (["--data", "/nonexistent/data"], "prepare_data.py"),
     (["--batch_size", "64", "--grad_accum", "64"], "exceeds"),
     (["--init_from", "/nonexistent/run"], "checkpoint"),
+    (["--lr", "-1"], "--lr must be >= 0"),
+    (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
+    (["--device", "gpu"], "'gpu' is not a device"),
+    (["--overwrite", "--init_from", "resume"], "pass one"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(flags, message, tiny_flags, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_flags, "--out_dir", str(tmp_path / "o"),
@@ -278,6 +282,74 @@ def test_bad_input_is_one_line_and_exit_code_2(flags, message, tiny_flags, tmp_p
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train.py: error:") and message in lines[0], p.stderr
+
+
+def test_a_run_folder_belongs_to_one_run(tiny_flags, tmp_path, capsys):
+    run(tiny_flags, tmp_path, "o", "--max_iters", "2", "--eval_interval", "1")
+    files = lambda: {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir() if p.is_file()}  # noqa: E731
+    before = files()
+    for bad in (["--max_iters", "3"], ["--tau", "0"]):  # another run, or bad input: refused, nothing touched
+        with pytest.raises(SystemExit) as e:
+            run(tiny_flags, tmp_path, "o", *bad)
+        assert e.value.code == 2 and files() == before
+    assert "holds another run (args.json, ckpt-0000001.pt" in capsys.readouterr().err
+    run(tiny_flags, tmp_path, "o", "--max_iters", "1", "--eval_interval", "1", "--overwrite")
+    assert not (tmp_path / "o" / "ckpt-0000002.pt").exists()  # the old run is gone, not mixed with the new
+    assert [r["step"] for r in read_jsonl(tmp_path / "o" / "log.jsonl") if r["type"] == "train"] == [0]
+    run(tiny_flags, tmp_path, "o", "--max_iters", "2", "--eval_interval", "1", "--init_from", "resume")
+    assert f"resuming from step 1 of {tmp_path / 'o'}" in capsys.readouterr().out
+
+
+def test_default_out_dir_names_the_settings_and_unused_method_flags_are_warned(tiny_flags, capsys):
+    import cli
+    assert cli.get_args(["--method", "irdro", "--tau", "0.5"]).out_dir == "out/irdro-tau0.5"
+    assert cli.get_args(["--method", "midrank"]).out_dir == "out/midrank-skip0.125-keep0.5"
+    assert cli.get_args(["--method", "erm", "--out_dir", "runs/{method}"]).out_dir == "runs/erm"
+    assert capsys.readouterr().err == ""
+    cli.get_args(["--method", "irdro", "--keep=0"])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{cli.build_parser().prog}: warning: --keep does not apply to --method irdro (it takes --tau): ignored"]
+
+
+def test_kill_9_anywhere_then_resume_equals_an_unbroken_run(tiny_flags, tmp_path):
+    """SIGKILL at random moments of a run (in steps, evaluations, checkpoint writes), each time started again
+    (resumed from its checkpoint, or anew where it has none yet): parameters and logs equal an unbroken run's."""
+    import random
+    import time
+    common = [*tiny_flags, "--method", "irdro", "--max_iters", "24", "--eval_interval", "3", "--batch_size", "2",
+              "--grad_accum", "2", "--dropout", "0.1", "--warmup_iters", "2"]
+    straight = run(common, tmp_path, "straight")["model"].state_dict()
+    out, rng, kills, moments = tmp_path / "killed", random.Random(0), 0, []
+    lines = lambda name: len((out / name).read_text().split("\n")) - 1 if (out / name).exists() else 0  # noqa: E731
+    while True:
+        again = ["--init_from", "resume"] if (out / "ckpt.pt").exists() else ["--overwrite"]
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "--out_dir", str(out), *again],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if kills == 12:
+            assert proc.wait(timeout=300) == 0, proc.stderr.read()
+            break
+        # wait for the run to get going (a new step logged), then kill it at a random moment, or at a checkpoint
+        start, deadline = lines("weights.jsonl"), time.time() + 120
+        while lines("weights.jsonl") <= start and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        if kills % 3 == 2:  # the next checkpoint write
+            while not (out / "ckpt.tmp").exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.0005)
+        else:
+            time.sleep(rng.random() * 0.3)
+        moments.append((lines("weights.jsonl"), (out / "ckpt.tmp").exists()))
+        proc.kill()
+        proc.wait()
+        kills += 1
+    assert len(moments) == 12 and len({m for m in moments}) >= 6, moments  # kills landed at different moments
+    final = torch.load(out / "ckpt.pt", weights_only=False)
+    assert final["step"] == 24
+    for k, v in final["model"].items():
+        assert torch.equal(v, straight[k]), k
+    timing = ("tok_per_s", "mfu")
+    strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]  # noqa: E731
+    assert strip(read_jsonl(out / "log.jsonl")) == strip(read_jsonl(tmp_path / "straight" / "log.jsonl"))
+    assert read_jsonl(out / "weights.jsonl") == read_jsonl(tmp_path / "straight" / "weights.jsonl")
 
 
 def test_compiled_model_gives_the_same_step_on_cpu():
