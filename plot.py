@@ -77,7 +77,8 @@ def ema(x, alpha):
 
 
 def save(fig, path):
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     print(path)
@@ -89,40 +90,47 @@ def save(fig, path):
 
 def plot_weight_hist(run):
     """Step x weight 2D histogram: how spread out the weights are, and how that changes as the
-    losses of a batch drift apart or together during training."""
+    losses of a batch drift apart or together during training. w = 0 (MidRanking's skipped and dropped
+    samples) has no place on a log axis: it gets a panel of its own below a broken axis."""
     recs = run["weights"]
     x = np.concatenate([np.full(len(r["weight"]), r["step"]) for r in recs])
     y = np.concatenate([np.asarray(r["weight"]) * len(r["weight"]) for r in recs])
-    pos = y > 0
+    pos, dropped = y > 0, not (y > 0).all()
     # log bins of width d centred on 1, so ERM's weights fill exactly one row on the reference line
     lo, hi, d = min(y[pos].min() / 1.3, 0.3), max(y[pos].max() * 1.3, 3), 0.06
     yedges = 10 ** (d * (np.arange(np.floor(np.log10(lo) / d) - 1, np.ceil(np.log10(hi) / d) + 1) + 0.5))
-    lo, hi = yedges[0], yedges[-1]
-    dropped = not pos.all()
-    if dropped:  # w = 0 (MidRanking's skipped and dropped samples) has no log: a thin band below the range
-        band = (hi / lo) ** 0.08
-        yedges = np.concatenate([[lo / band], yedges])
-        y = np.where(pos, y, lo / band ** 0.5)
     width = -(-(x.max() - x.min() + 1) // 60)  # whole steps per column: no uneven striping
     xedges = np.arange(x.min(), x.max() + width + 1, width)
-    H = np.histogram2d(x, y, [xedges, yedges])[0]
-    H = H / np.maximum(H.sum(axis=1, keepdims=True), 1)  # colour = share of that column's samples
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    mesh = ax.pcolormesh(xedges, yedges, np.ma.masked_equal(H.T, 0), cmap="viridis",
-                         norm=LogNorm(vmin=min(H[H > 0].min(), 0.1), vmax=1))
-    fig.colorbar(mesh, ax=ax, label="fraction of the step's samples")
+    per_column = np.maximum(np.histogram(x, xedges)[0], 1)[:, None]
+    H = np.histogram2d(x[pos], y[pos], [xedges, yedges])[0] / per_column  # colour = share of the column's samples
+    norm = LogNorm(vmin=0.1 if not H[H > 0].size else min(H[H > 0].min(), 0.1), vmax=1)
+    if dropped:
+        fig, (ax, ax0) = plt.subplots(2, 1, sharex=True, figsize=FIGSIZE, layout="constrained",
+                                      gridspec_kw=dict(height_ratios=[7, 1]))
+    else:
+        fig, ax = plt.subplots(figsize=FIGSIZE)
+    mesh = ax.pcolormesh(xedges, yedges, np.ma.masked_equal(H.T, 0), cmap="viridis", norm=norm)
     ax.axhline(1, color="red", ls="--", lw=1.2, label="ERM: w = 1/n")
     ax.set_yscale("log")
-    ticks = [t for t in (0.01, 0.03, 0.1, 0.3, 1, 2, 3, 10, 30, 100, 300)
-             if lo * (hi / lo) ** (0.06 * dropped) <= t <= hi]  # no label crowding the w = 0 band
-    ax.set_yticks(([lo / band ** 0.5] if dropped else []) + ticks,
-                  (["0 (dropped)"] if dropped else []) + [f"{t:g}" for t in ticks])
+    ticks = [t for t in (1e-4, 1e-3, 0.01, 0.03, 0.1, 0.3, 1, 2, 3, 10, 30, 100, 300) if yedges[0] <= t <= yedges[-1]]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
     ax.set_ylim(yedges[0], yedges[-1])
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("weight × n  (log scale)")
     ax.set_title(f"{run['label']}: per-sample weights, n = {len(recs[-1]['weight'])}")
     ax.legend(loc="upper right", fontsize=9)
+    if dropped:  # the w = 0 panel: the share of each column's samples that weigh nothing
+        zero = np.histogram(x[~pos], xedges)[0][None, :] / per_column.T
+        ax0.pcolormesh(xedges, [0, 1], np.ma.masked_equal(zero, 0), cmap="viridis", norm=norm)
+        ax0.set_yticks([0.5], ["w = 0"])
+        ax.spines["bottom"].set_visible(False)
+        ax0.spines["top"].set_visible(False)
+        ax.tick_params(bottom=False)
+        for a, y0, dy in ((ax, 0, 0.02), (ax0, 1, 0.14)):  # break marks: the axis does not run on from 0 to the log range
+            for xb in (0, 1):
+                a.plot([xb - 0.008, xb + 0.008], [y0 - dy, y0 + dy], transform=a.transAxes, color="k", clip_on=False, lw=1)
+    (ax0 if dropped else ax).set_xlabel("optimizer step")
+    fig.colorbar(mesh, ax=[ax, ax0] if dropped else ax, label="fraction of the step's samples")
     return save(fig, run["dir"] / "weights_hist.png")
 
 

@@ -116,3 +116,19 @@ def test_a_torn_last_line_is_left_out_and_a_damaged_log_is_one_line(runs, tmp_pa
         plot.main([str(run)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"plot.py: error: {run / 'log.jsonl'} is damaged") and err.count("\n") == 1
+
+
+def test_weights_of_zero_get_their_own_panel_not_a_place_on_the_log_axis(runs, monkeypatch):
+    figs = []
+    monkeypatch.setattr(plot, "save", lambda fig, path: figs.append(fig) or path)
+    irdro, midrank = (plot.load_run(d) for d in runs)
+    plot.plot_weight_hist(irdro)
+    plot.plot_weight_hist(midrank)
+    (irdro_log,), (mid_log, mid_zero) = ([a for a in f.axes if a.get_label() != "<colorbar>"] for f in figs)
+    assert irdro_log.get_yscale() == mid_log.get_yscale() == "log" and mid_zero.get_yscale() == "linear"
+    labels = [t.get_text() for t in mid_log.get_yticklabels()]
+    assert "1" in labels and not any(t.startswith("0 ") or t == "0" for t in labels)  # no 0 on a log axis
+    assert [t.get_text() for t in mid_zero.get_yticklabels()] == ["w = 0"]
+    # the w = 0 panel holds the dropped share of every column: here MidRanking drops half of each batch
+    zero_share = mid_zero.collections[0].get_array()
+    assert np.allclose(zero_share.compressed(), 0.5)
