@@ -53,9 +53,7 @@ def main():
     device = runtime.pick_device(args.device)
     dtype = runtime.pick_dtype(args.dtype, device)
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
-    data_dir = Path(args.data)
-    if not (data_dir / "meta.json").exists():
-        prepare_data.prepare()
+    data_dir = prepare_data.ensure_prepared(Path(args.data))
     data = train.load_split(data_dir, "train", args.block_size)
     torch.manual_seed(0)
     model = GPT(cli.scratch_config(args, data["meta"]["vocab_size"])).to(device)

@@ -1,7 +1,9 @@
 """
-Instruction data for `prepare_data.py --format instruct`: records -> documents [bos] + prompt + response + [eos]
-and their target masks (1 = the token is a target: the response and the closing eos), so that train.py computes
-the loss on the response only. Pure functions of the records and a prepare_data.DocTokenizer; no file I/O.
+Instruction data for `prepare_data.py --format instruct`: Alpaca-style `instruction`/`input`/`output` records or
+chat `messages` -> documents [bos] + prompt + response + [eos] and their target masks, written by prepare_data.py
+as {train,val}_mask.bin (uint8, one byte a token: 1 for the response tokens and the closing eos, 0 for the bos and
+the prompt), so that train.py computes the loss on the response only. Pure functions of the records and a
+prepare_data.DocTokenizer; no file I/O.
 
 Our plain template (one for both record shapes; empty sections are left out):
   Alpaca:  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"   + response

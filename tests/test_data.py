@@ -209,7 +209,7 @@ def test_embedded_corpus(tmp_path):
     assert len(titles) == meta["source_docs"] and "Hamlet 3.1" in titles
     _, tokens, offsets, ids = load_split(out, "val")
     assert (tokens[offsets[:-1]] == 50256).all()
-    assert prepare_data.DEFAULT_DATA_DIR == REPO / "data" / "shakespeare"
+    assert prepare_data.BUILT_IN[REPO / "data" / "shakespeare"] == "gpt2"
 
 
 def test_milton_asset_is_readable():
