@@ -2,17 +2,20 @@
 Checkpoint conversion between Hugging Face GPT-2 / OPT / LLaMA model folders and our GPT (model.py).
 
 Not a second model: each family is declared as data, a name map from our parameter names to the
-checkpoint's, plus a config.json <-> GPTConfig conversion. transformers is not needed (the tests use it to
-compare logits). At the bottom, the public functions: checkpoint_folder, load_pretrained, save_pretrained
-and export (trained weights -> a folder for transformers and lm-evaluation-harness, tokenizer included).
+checkpoint's, plus a config.json <-> GPTConfig conversion. transformers is not needed to load or save weights
+(the tests use it to compare logits), only to save a checkpoint's tokenizer beside an export. At the bottom, the
+public functions: checkpoint_folder, load_pretrained, save_pretrained and export (trained weights -> a folder
+for transformers and lm-evaluation-harness, tokenizer included).
 """
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
+import prepare_data
 from model import GPT, GPTConfig, rope_inv_freq
 
 
@@ -189,17 +192,29 @@ def config_to_hf(c):
 # -----------------------------------------------------------------------------
 # checkpoint files, loading and saving
 
+# besides one copy of the weights, what a hub checkpoint's folder needs: config.json and generation_config.json,
+# and its tokenizer, whatever files that is (tokenizer.json, tokenizer.model, vocab.json + merges.txt, tiktoken
+# ranks, chat templates, ...)
+HUB_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
 def checkpoint_folder(name_or_dir):
-    """A local folder as it is; a hub name is downloaded (config, weights, tokenizer files) when online."""
+    """A local folder as it is; a hub name is downloaded when online: its config and tokenizer files and its
+    weights, as safetensors where it has them, else as pytorch_model.bin (read_weights' order, never both)."""
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: point at a Hugging Face model folder")
         return path
     try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(name_or_dir), allow_patterns=[
-            "*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.json", "chat_template.jinja"]))
+        import huggingface_hub
+        try:  # legacy checkpoints (Sheared-LLaMA) have only pytorch_model.bin; most have safetensors (or both)
+            files = set(huggingface_hub.list_repo_files(str(name_or_dir)))
+            legacy = not files & {"model.safetensors", "model.safetensors.index.json"}
+        except Exception:  # offline: snapshot_download answers from the local cache, whichever weights it holds
+            legacy = False
+        weights = "pytorch_model*.bin" if legacy else "model*.safetensors"
+        return Path(huggingface_hub.snapshot_download(str(name_or_dir), allow_patterns=HUB_FILES + [weights]))
     except Exception as e:
         raise FileNotFoundError(f"cannot find {name_or_dir!r} locally or download it ({type(e).__name__}); "
                                 f"offline, download the checkpoint elsewhere and pass its local folder") from e
@@ -252,9 +267,10 @@ def load_pretrained(name_or_dir, dtype=None):
     return model
 
 
-def save_pretrained(model, out_dir):
+def save_pretrained(model, out_dir, special_ids=None):
     """Write config.json + model.safetensors in Hugging Face's layout, loadable by
-    transformers.AutoModelForCausalLM (and so by lm-evaluation-harness)."""
+    transformers.AutoModelForCausalLM (and so by lm-evaluation-harness). special_ids: bos/eos/pad_token_id
+    for config.json, instead of the family's defaults (GPT-2's 50256, OPT's 2/2/1, none for LLaMA)."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,24 +285,96 @@ def save_pretrained(model, out_dir):
             sd[HF_PREFIX[config.family] + hf_name if hf_name != "lm_head.weight" else hf_name] = \
                 part.contiguous().clone()
     save_file(sd, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+    # the stored precision (float32 after training: bf16 would round lr-2e-6 updates away), under the key that
+    # transformers 5 reads and writes (dtype) and the one transformers 4 reads (torch_dtype); dtype="auto"
+    # (lm-eval's default) then loads the weights as they are
+    dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    hf_config = dict(config_to_hf(config), dtype=dtype, torch_dtype=dtype, **(special_ids or {}))
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+# -----------------------------------------------------------------------------
+# the export's tokenizer: GPT-2's (rebuilt from tiktoken's ranks) or the tokenizer of a checkpoint
+
+def byte_chars():
+    """GPT-2's byte -> character map. Byte-level BPE writes every byte as one printable character so that
+    vocab.json and merges.txt are text: printable Latin-1 bytes stand for themselves, the other 68 (controls,
+    space, ...) for the characters from U+0100 on, in byte order (so a space is 'Ġ', a newline 'Ċ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
 
 
-def export(config, state_dict, out_dir, tokenizer_folder=None):
-    """Trained weights (a state dict of GPT(config)) as a Hugging Face folder, with the tokenizer files of
-    `tokenizer_folder` (the pretrained checkpoint) when given: ready for transformers and
-    lm-evaluation-harness (`lm_eval --model hf --model_args pretrained=OUT_DIR`)."""
+def last_merge(token, ranks):
+    """The two parts that BPE merged last into `token`. tiktoken keeps no merge list, only ranks, and its rule
+    is to merge the lowest-ranked adjacent pair first; replaying that on the token's own bytes until two parts
+    are left gives the merge (merges.txt lists merges by the rank of what they make)."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        _, i = min((ranks.get(a + b, len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def write_gpt2_tokenizer(out_dir, max_length):
+    """GPT-2's vocab.json, merges.txt and tokenizer_config.json (what the hub's gpt2 folder holds), rebuilt
+    offline from the ranks that prepare_data tokenized with: the same ids. -> the special-token ids for
+    config.json (<|endoftext|> = 50256 is both bos and eos)."""
+    enc = prepare_data.gpt2_encoding()
+    eot = "<|endoftext|>"
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != enc.eot_token}
+    chars = byte_chars()
+    text = {t: "".join(chars[b] for b in t) for t in ranks}
+    vocab = {text[t]: i for t, i in ranks.items()} | {eot: enc.eot_token}
+    merges = [" ".join(text[p] for p in last_merge(t, ranks)) for t in sorted(ranks, key=ranks.get) if len(t) > 1]
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    # no bos is added and no prefix space, as in GPT-2 and prepare_data (a document's <|endoftext|> is data)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="GPT2Tokenizer", model_max_length=max_length, bos_token=eot, eos_token=eot, unk_token=eot,
+        add_bos_token=False, add_prefix_space=False, errors="replace"), indent=2) + "\n")
+    return dict(bos_token_id=enc.eot_token, eos_token_id=enc.eot_token)
+
+
+# raw vocabularies that transformers 5 no longer writes beside tokenizer.json, but other tools read
+VOCAB_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def save_tokenizer(source, out_dir):
+    """The tokenizer of a checkpoint folder or hub name, saved into out_dir by transformers itself (so that
+    whatever it has comes along: tokenizer.json, chat template, added tokens), plus a local folder's raw
+    vocabulary and generation_config.json. -> its special-token ids for config.json: the source's
+    config.json ids (Llama-3's bos 128000, not transformers' fallback 1), else the tokenizer's."""
+    tok, config = prepare_data.auto_tokenizer(str(source))
+    tok.save_pretrained(out_dir)
+    folder = Path(source)
+    for name in (*VOCAB_FILES, "generation_config.json") if folder.is_dir() else ():
+        if (folder / name).exists() and not (out_dir / name).exists():
+            shutil.copy(folder / name, out_dir / name)
+    ids = {k: config.get(k) if config.get(k) is not None else getattr(tok, k) for k in SPECIAL_IDS}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def export(config, state_dict, out_dir, tokenizer=None):
+    """Trained weights (a state dict of GPT(config)) as a Hugging Face folder with the tokenizer the data was
+    made with, ready for transformers and lm-evaluation-harness (`lm_eval --model hf --model_args
+    pretrained=OUT_DIR`). tokenizer: "gpt2" (GPT-2's, rebuilt from the vendored ranks), a checkpoint folder or
+    hub name (its own tokenizer), or None (the weights alone)."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):  # no initialisation: the weights are those of `state_dict`
         model = GPT(config)
     model.load_state_dict(state_dict, assign=True)
-    save_pretrained(model, out_dir)
-    if tokenizer_folder is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_folder) / name).exists():
-                shutil.copy(Path(tokenizer_folder) / name, out_dir / name)
+    special_ids = None
+    if tokenizer == "gpt2":
+        special_ids = write_gpt2_tokenizer(out_dir, config.block_size)
+    elif tokenizer is not None:
+        try:
+            special_ids = save_tokenizer(tokenizer, out_dir)
+        except prepare_data.DataError as e:  # after training: the model still goes out, with a way to finish it
+            print(f"export: no tokenizer in {out_dir}: the data's tokenizer {str(tokenizer)!r} does not load "
+                  f"({type(e.__cause__ or e).__name__}); "
+                  "save it there with AutoTokenizer.from_pretrained(ITS_FOLDER).save_pretrained(...)", file=sys.stderr)
+    save_pretrained(model, out_dir, special_ids)
     print(f"exported {out_dir}")

@@ -368,7 +368,9 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # the dir is unfinished until meta.json is back
     dtype = token_dtype(tok.vocab_size)
+    source = tok.name if tok.hf is None else tok.hf.name_or_path  # where train.py's export loads it again
     meta = {"tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
+            "tokenizer_source": str(Path(source).resolve()) if tok.hf is not None and Path(source).is_dir() else source,
             "bos": tok.bos, "eot": tok.eos, "dtype": dtype.name, **info, "val_fraction": val_fraction, "seed": seed,
             "max_docs": max_docs}
     write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks)

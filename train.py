@@ -323,8 +323,8 @@ def main(argv=None):
     state = runtime.model_state(raw_model)  # FSDP: a collective
     if log.on:
         log.close()
-        hf.export(raw_model.config, state, Path(args.out_dir) / "hf",
-                  hf.checkpoint_folder(args.pretrained) if args.pretrained else None)
+        hf.export(raw_model.config, state, Path(args.out_dir) / "hf", hf.checkpoint_folder(args.pretrained) if
+                  args.pretrained else train_data["meta"].get("tokenizer_source", train_data["meta"]["tokenizer"]))
     runtime.finish(distributed)
     return dict(val_loss=val_loss, model=raw_model)
 

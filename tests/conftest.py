@@ -91,3 +91,10 @@ def tiny_llama_ckpt(tmp_path_factory, spm_model):
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=800, max_position_embeddings=64)).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_data(tmp_path_factory, tiny_data, tiny_llama_ckpt):
+    """The tiny corpus of tiny_data tokenized with tiny_llama_ckpt's own tokenizer (what --pretrained needs)."""
+    return prepare_data.prepare(dataset=str(tiny_data.parent / "docs.jsonl"), val_fraction=0.2,
+                                out_dir=tmp_path_factory.mktemp("llama_data") / "data", tokenizer=str(tiny_llama_ckpt))
