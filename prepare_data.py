@@ -80,12 +80,10 @@ def token_dtype(vocab_size):
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-# ---- tokenizers: GPT-2 (tiktoken, above) or a pretrained checkpoint's own (transformers.AutoTokenizer)
+# ---- tokenizers: GPT-2 (tiktoken, above), or transformers.AutoTokenizer (characters, or a checkpoint's own)
 #
-# A checkpoint must see the ids of its own tokenizer, exactly as `transformers.AutoTokenizer` gives them (that is
-# also what lm-evaluation-harness feeds it), so its tokenizer is AutoTokenizer itself, with its defaults: special
-# tokens written inside a text ("</s>", "<|endoftext|>") are parsed as the special token. The default GPT-2 path
-# keeps tiktoken's encode_ordinary (plain text), as before.
+# A checkpoint must see the ids of its own tokenizer, exactly as AutoTokenizer gives them (and lm-eval feeds it),
+# with its defaults: special tokens written in a text ("</s>") are parsed as such; tiktoken's path encodes plain text.
 # Our format starts every document with one bos: the one the tokenizer adds, or, where it adds none (GPT-2), its eos.
 # A trailing eos that a tokenizer may add (add_eos_token) is left out: the bos alone marks where a document starts.
 # the fingerprint of GPT-2's own vocabulary with bos 50256: an HF GPT-2 folder is then interchangeable with "gpt2"
@@ -95,13 +93,14 @@ GPT2_HF_FINGERPRINT = "434bbe7089eae415"
 class DocTokenizer:
     """What prepare() and train.py need of a tokenizer: whole documents -> ids, each starting with `bos`.
     fingerprint: a short hash of the token -> id mapping (special and added tokens included) and of the bos,
-    so that data can be matched to a model; "gpt2" for GPT-2's. hf: the AutoTokenizer behind it, if any."""
+    so that data can be matched to a model; "gpt2" for GPT-2's. hf: the AutoTokenizer behind it, if any; source:
+    what load_tokenizer() loads it from again ("gpt2", "char", a folder, a hub name), None if it cannot."""
 
-    def __init__(self, name, fingerprint, vocab_size, bos, eos, encode_batch, decode, hf=None):
+    def __init__(self, name, fingerprint, vocab_size, bos, eos, encode_batch, decode, hf=None, source=None):
         self.name, self.fingerprint, self.vocab_size, self.bos, self.eos = name, fingerprint, vocab_size, bos, eos
         self._encode_batch = encode_batch  # texts -> ids without the bos
         self.decode = decode  # ids -> text, special tokens included
-        self.hf = hf
+        self.hf, self.source = hf, source
 
     def encode(self, text):
         return self.encode_batch([text])[0]
@@ -123,11 +122,11 @@ def load_tokenizer(name_or_dir="gpt2"):
         enc = gpt2_encoding()
         # encode_ordinary: "<|endoftext|>" written inside a text is just text, never a document boundary
         return DocTokenizer("gpt2", "gpt2", enc.n_vocab, enc.eot_token, enc.eot_token, enc.encode_ordinary_batch,
-                            enc.decode)
-    name_or_dir = CHAR_TOKENIZER if name_or_dir == "char" else name_or_dir
+                            enc.decode, source="gpt2")
     hf, config = auto_tokenizer(str(name_or_dir))
-    path = Path(name_or_dir).expanduser()
+    path = Path(CHAR_TOKENIZER if name_or_dir == "char" else name_or_dir).expanduser()
     name = path.resolve().name if path.is_dir() else str(name_or_dir)
+    source = "char" if name_or_dir == "char" else str(path.resolve()) if path.is_dir() else str(name_or_dir)
     plain, full = hf("a", add_special_tokens=False)["input_ids"], hf("a")["input_ids"]
     prefix = next(full[:k] for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain)
     if len(prefix) > 1:
@@ -146,7 +145,7 @@ def load_tokenizer(name_or_dir="gpt2"):
     vocab_size = int(config.get("vocab_size") or len(hf))
     return DocTokenizer(name, "gpt2" if fingerprint == GPT2_HF_FINGERPRINT else fingerprint, vocab_size, bos,
                         hf.eos_token_id, lambda texts: hf(texts, add_special_tokens=False, verbose=False)["input_ids"],
-                        lambda ids: hf.decode(list(ids), skip_special_tokens=False), hf)
+                        lambda ids: hf.decode(list(ids), skip_special_tokens=False), hf, source)
 
 
 def auto_tokenizer(name_or_dir):
@@ -155,7 +154,7 @@ def auto_tokenizer(name_or_dir):
         import transformers
     except ImportError as e:
         raise DataError("a checkpoint's tokenizer needs transformers: pip install transformers") from e
-    folder = Path(name_or_dir).expanduser()
+    folder = Path(CHAR_TOKENIZER if name_or_dir == "char" else name_or_dir).expanduser()
     source = str(folder) if folder.is_dir() else name_or_dir
     try:
         hf = transformers.AutoTokenizer.from_pretrained(source)
@@ -368,9 +367,8 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # the dir is unfinished until meta.json is back
     dtype = token_dtype(tok.vocab_size)
-    source = tok.name if tok.hf is None else tok.hf.name_or_path  # where train.py's export loads it again
     meta = {"tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
-            "tokenizer_source": str(Path(source).resolve()) if tok.hf is not None and Path(source).is_dir() else source,
+            "tokenizer_source": tok.source,  # where train.py's export loads it again
             "bos": tok.bos, "eot": tok.eos, "dtype": dtype.name, **info, "val_fraction": val_fraction, "seed": seed,
             "max_docs": max_docs}
     write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks)

@@ -212,6 +212,27 @@ def test_embedded_corpus(tmp_path):
     assert prepare_data.BUILT_IN[REPO / "data" / "shakespeare"] == "gpt2"
 
 
+def test_char_tokenizer_is_the_corpus_characters(tmp_path):
+    # assets/char (made by assets/make_assets.py): <|bos|> = 0, <|unk|> = 1, then every character of the
+    # embedded corpus in sorted order, loaded by transformers' AutoTokenizer like any checkpoint's tokenizer
+    texts = [r["text"] for r in prepare_data.read_jsonl_gz(prepare_data.EMBEDDED_CORPUS)]
+    chars = sorted(set("".join(texts)))
+    tok = prepare_data.load_tokenizer("char")
+    assert tok.hf.get_vocab() == {"<|bos|>": 0, "<|unk|>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    assert (tok.name, tok.bos, tok.vocab_size, tok.source) == ("char", 0, len(chars) + 2, "char")
+    for text in texts[:5] + ["  two spaces,\ttab and\nnewline  "]:
+        assert tok.encode(text) == [0] + [2 + chars.index(c) if c in chars else 1 for c in text]
+    assert tok.decode(tok.encode(texts[3])[1:]) == texts[3]
+    out = prepare_data.prepare(out_dir=tmp_path / "c", tokenizer="char")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer"] == "char" and meta["tokenizer_source"] == "char"
+    _, tokens, offsets, _ = load_split(out, "train")
+    assert (tokens[offsets[:-1]] == 0).all() and tokens.max() < len(chars) + 2
+    assert sum(len(t) for t in texts) == meta["train"]["tokens"] + meta["val"]["tokens"] - meta["source_docs"]
+    assert prepare_data.DEFAULT_DATA_DIR == REPO / "data" / "shakespeare-char"
+    assert prepare_data.BUILT_IN[prepare_data.DEFAULT_DATA_DIR] == "char"
+
+
 def test_milton_asset_is_readable():
     with gzip.open(REPO / "assets" / "milton.jsonl.gz", "rt") as f:
         recs = [json.loads(line) for line in f]

@@ -243,6 +243,19 @@ def test_training_lowers_the_val_loss_and_logs_every_step(tiny_flags, tmp_path):
     assert ckpt["step"] == 30 and set(ckpt) >= {"model", "optimizer", "model_args", "args", "rng"}
 
 
+def test_the_quick_start_defaults_learn(tmp_path):
+    # `python train.py --method irdro --tau 1.0`: every default (the built-in corpus as characters, 4 layers of
+    # 128, blocks of 128, 8 x 2 samples a step, lr 2e-3 cosine), only shorter and with a smaller val set
+    import prepare_data
+    data = prepare_data.prepare(out_dir=tmp_path / "data", tokenizer="char")
+    out = run(["--data", str(data), "--method", "irdro", "--tau", "1.0"], tmp_path, "o", "--max_iters", "50",
+              "--eval_interval", "50", "--eval_samples", "32")
+    evals = [r["val_loss"] for r in read_jsonl(tmp_path / "o" / "log.jsonl") if r["type"] == "eval"]
+    assert len(evals) == 2 and out["val_loss"] == evals[-1] <= 0.7 * evals[0]  # at least 30% lower
+    w = np.array([r["weight"] for r in read_jsonl(tmp_path / "o" / "weights.jsonl")])
+    assert w.shape == (50, 16) and w.max() > 2 / 16 and w.min() < 0.75 / 16  # the weights do move
+
+
 def test_resume_gives_the_same_parameters_and_weights(tiny_flags, tmp_path):
     common = ["--method", "irdro", "--schedule", "constant", "--eval_interval", "2", "--batch_size", "4",
               "--dropout", "0.1"]  # dropout: the RNG state must be restored too
