@@ -1,0 +1,71 @@
+"""
+Beyond the paper: the follow-up weightings of Sow et al. (ICLR 2025, arXiv 2502.06733) and an exact random
+control for MidRanking. Each is one function of the pool's detached losses, like the paper's methods in
+reweight.py, which lists them in its METHODS: train.py trains them exactly as it trains those.
+
+Plain IR-DRO is monotone in the loss, so the highest losses (often noise) weigh most. The follow-up maps the
+pool's losses linearly onto [-1, 1],
+
+    x_i = 2 (l_i - min_j l_j) / (max_j l_j - min_j l_j) - 1,
+
+shapes them with a strategy f and takes  w = softmax(f(x) / tau)  (the paper's r is our tau):
+
+    linupper:   f(x) = min(x + 1, 1)   losses above the pool's midrange all weigh the same: no reward for extremes
+    quadratic:  f(x) = 1 - x^2         the middle of the range weighs most, both ends least ("peaked" in the
+                                       official code of the paper, defined there but never called)
+    extremes:   f(x) = |x|             both ends weigh most
+
+x depends on the whole pool (its min and max), so none of them has a streaming form: train.py scores the pool
+first, as for MidRanking. A pool of equal losses has no range: x = 0, uniform weights.
+"""
+
+import hashlib
+
+import torch
+
+import reweight
+
+
+def unit_range(losses):
+    """x_i = 2 (l_i - min l) / (max l - min l) - 1, in [-1, 1]; all 0 when every loss is the same."""
+    lo, hi = losses.min(), losses.max()
+    if not hi > lo:
+        return torch.zeros_like(losses)
+    return 2 * (losses - lo) / (hi - lo) - 1
+
+
+def check_tau(tau):
+    if not (tau > 0 and tau != float("inf")):
+        raise ValueError(f"the follow-up weightings need a finite tau > 0, got tau={tau}")
+
+
+def linupper(losses, tau):
+    """w = softmax(min(x + 1, 1) / tau): the lower half of the range is down-weighted, the upper half flat."""
+    check_tau(tau)
+    return torch.softmax(torch.clamp(unit_range(losses) + 1, max=1) / tau, dim=0)
+
+
+def quadratic(losses, tau):
+    """w = softmax((1 - x^2) / tau): mid-range losses weigh most, the easiest and the hardest least."""
+    check_tau(tau)
+    return torch.softmax((1 - unit_range(losses) ** 2) / tau, dim=0)
+
+
+def extremes(losses, tau):
+    """w = softmax(|x| / tau): the easiest and the hardest samples weigh most."""
+    check_tau(tau)
+    return torch.softmax(unit_range(losses).abs() / tau, dim=0)
+
+
+def random(losses, keep):
+    """The control for MidRanking: k = floor(keep * n) samples of the same pool, chosen uniformly at random,
+    1/k each, the rest 0. Same count as MidRanking, no ranking. The choice is seeded by the pool's loss order
+    (which sample ranks where), so it is the same on every torchrun rank, on resume and under any
+    micro-batching (a last-bit change of a loss leaves the order alone), and a new draw at every step."""
+    n_keep = reweight.midrank_counts(losses.numel(), 0.0, keep)[1]
+    order = torch.sort(losses, descending=True, stable=True).indices.cpu().numpy()
+    seed = int.from_bytes(hashlib.sha256(order.tobytes()).digest()[:8], "little")
+    chosen = torch.randperm(losses.numel(), generator=torch.Generator().manual_seed(seed))[:n_keep]
+    w = torch.zeros_like(losses)
+    w[chosen.to(losses.device)] = 1.0 / n_keep
+    return w
