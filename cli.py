@@ -28,12 +28,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 # Defaults that depend on the kind of run, for the flags the user leaves out. A pretrained run follows the
-# paper's official recipe (constant lr 2e-6, AdamW with torch's betas, wd 0.01, 512 tokens, 100 updates).
-SCRATCH_DEFAULTS = dict(block_size=128, grad_accum=2, max_iters=250, lr=2e-3, min_lr=2e-4,
-                        schedule="cosine", warmup_iters=20, weight_decay=0.1, beta2=0.95)
-PRETRAINED_DEFAULTS = dict(block_size=512, grad_accum=1, max_iters=100, lr=2e-6, min_lr=2e-6,
-                           schedule="constant", warmup_iters=0, weight_decay=0.01, beta2=0.999)
-METHOD_FLAGS = ("tau", "skip", "keep")  # every method takes those of these it names as arguments in reweight.py
+# paper's official recipe (constant lr 2e-6, torch.optim.AdamW(model.parameters()) with its defaults: betas
+# (0.9, 0.999), weight decay 0.01 on every parameter; 512 tokens, 100 updates).
+SCRATCH_DEFAULTS = dict(block_size=128, grad_accum=2, max_iters=250, lr=2e-3, min_lr=2e-4, schedule="cosine",
+                        warmup_iters=20, weight_decay=0.1, decay_params="matrices", beta2=0.95)
+PRETRAINED_DEFAULTS = dict(block_size=512, grad_accum=1, max_iters=100, lr=2e-6, min_lr=2e-6, schedule="constant",
+                           warmup_iters=0, weight_decay=0.01, decay_params="all", beta2=0.999)
+METHOD_FLAGS = ("tau", "skip", "keep", "frac", "portion")  # a method takes those it names as arguments in reweight.py
+# MidRanking's band: --skip/--keep, or the official --frac/--portion (exact); the pair given sets it, the other
+# pair stays None, and giving both is an error
+MIDRANK_DEFAULTS = dict(skip=0.125, keep=0.5)
+OFFICIAL_MIDRANK_DEFAULTS = dict(frac=0.125, portion=0)  # the official script's defaults (portion 0: hardest only)
 
 
 def by_mode(flag):
@@ -47,8 +52,14 @@ def build_parser(description="Train a GPT with per-sample losses reweighted by E
     a("--method", default="irdro", choices=reweight.METHODS, help="how per-sample losses are weighted")
     a("--tau", type=float, default=1.0,
       help="IR-DRO temperature: w = softmax(loss / tau); smaller = more weight on the hardest samples")
-    a("--skip", type=float, default=0.125, help="MidRanking: fraction of highest-loss samples skipped")
-    a("--keep", type=float, default=0.5, help="MidRanking: fraction kept after the skipped ones")
+    a("--skip", type=float, default=None, help="MidRanking: fraction of highest-loss samples skipped, "
+      "floor(skip * n) (default: 0.125, unless --frac/--portion)")
+    a("--keep", type=float, default=None, help="MidRanking: fraction kept after the skipped ones, floor(keep * n) "
+      "(default: 0.5, unless --frac/--portion)")
+    a("--frac", type=float, default=None, help="MidRanking as the official code sets it, exactly: c = int(frac * n) "
+      "samples are kept; replaces --skip/--keep (giving both is an error) (default: 0.125 with --portion)")
+    a("--portion", type=int, default=None, help="MidRanking, official: train on the sorted ranks [portion*c, "
+      "(portion+1)*c), rank 0 the highest loss; 0 = hardest only (default: 0 with --frac)")
     # data
     a("--data", default=str(prepare_data.DEFAULT_DATA_DIR), help="folder written by prepare_data.py")
     a("--block_size", type=int, default=None,
@@ -72,8 +83,10 @@ def build_parser(description="Train a GPT with per-sample losses reweighted by E
     a("--schedule", default=None, choices=("cosine", "constant"),
       help=f"learning-rate schedule after warm-up {by_mode('schedule')}")
     a("--warmup_iters", type=int, default=None, help=f"linear warm-up steps {by_mode('warmup_iters')}")
-    a("--weight_decay", type=float, default=None,
-      help=f"AdamW weight decay (matrices only) {by_mode('weight_decay')}")
+    a("--weight_decay", type=float, default=None, help=f"AdamW weight decay {by_mode('weight_decay')}")
+    a("--decay_params", default=None, choices=("matrices", "all"), help="which parameters are decayed: matrices "
+      "(Linear/Embedding weights, not biases or norm gains; nanoGPT) or all (the official code, torch.optim.AdamW("
+      f"model.parameters())) {by_mode('decay_params')}")
     a("--beta1", type=float, default=0.9, help="AdamW beta1")
     a("--beta2", type=float, default=None, help=f"AdamW beta2 {by_mode('beta2')}")
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
@@ -100,7 +113,12 @@ def build_parser(description="Train a GPT with per-sample losses reweighted by E
 def get_args(argv=None, parser=None):
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    for flag, value in (PRETRAINED_DEFAULTS if args.pretrained else SCRATCH_DEFAULTS).items():
+    official = args.frac is not None or args.portion is not None
+    if official and (args.skip is not None or args.keep is not None):
+        parser.error("--frac/--portion and --skip/--keep both set MidRanking's kept ranks: give one of the two pairs")
+    defaults = {**(PRETRAINED_DEFAULTS if args.pretrained else SCRATCH_DEFAULTS),
+                **(OFFICIAL_MIDRANK_DEFAULTS if official else MIDRANK_DEFAULTS)}
+    for flag, value in defaults.items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
     # a method flag on the command line that the method does not take is ignored: say so (sweeps pass them all)

@@ -56,7 +56,7 @@ class GPTConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 as LLaMA does (bf16 would lose it)."""
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 at least as LLaMA does (bf16 would lose it)."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -64,7 +64,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        h = x.float()
+        h = x.to(torch.promote_types(x.dtype, torch.float32))  # casts only ever go up: float64 stays
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -75,14 +75,15 @@ def make_norm(config, dim):
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_inv_freq(config, seq_len):
-    """Rotary frequencies theta^(-2j/d), j < d/2, with the checkpoint's scaling variant applied."""
+def rope_inv_freq(config, seq_len, dtype=torch.float32):
+    """Rotary frequencies theta^(-2j/d), j < d/2, with the checkpoint's scaling variant applied (in float32 as
+    Hugging Face does, or in float64 for a float64 model)."""
     d, base, s = config.head_dim, config.rope_theta, config.rope_scaling or {}
     kind = s.get("rope_type", s.get("type", "default"))
     if kind == "dynamic" and seq_len > s["original_max_position_embeddings"]:
         # NTK-aware: grow the base once the sequence outruns the trained context
         base *= (s["factor"] * seq_len / s["original_max_position_embeddings"] - (s["factor"] - 1)) ** (d / (d - 2))
-    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.int64).to(dtype) / d)
     if kind == "linear":  # position interpolation: positions / factor
         inv_freq = inv_freq / s["factor"]
     elif kind == "llama3":  # long wavelengths slowed by factor, short ones kept, a smooth band between
@@ -95,10 +96,11 @@ def rope_inv_freq(config, seq_len):
     return inv_freq
 
 
-def rope_cos_sin(config, T, device):
-    """cos, sin of shape (T, head_dim) in float32, frequencies repeated over the two halves."""
-    inv_freq = rope_inv_freq(config, T).to(device)
-    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
+def rope_cos_sin(config, T, device, dtype=torch.float32):
+    """cos, sin of shape (T, head_dim) in `dtype` (float32 at least), frequencies repeated over the two halves."""
+    dtype = torch.promote_types(dtype, torch.float32)
+    inv_freq = rope_inv_freq(config, T, dtype).to(device)
+    angles = torch.outer(torch.arange(T, device=device, dtype=dtype), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -108,7 +110,7 @@ def apply_rope(x, cos, sin):
     LLaMA checkpoints, whose q/k weights are stored permuted for it."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)  # cos: float32 at least
 
 
 class CausalSelfAttention(nn.Module):
@@ -252,7 +254,7 @@ class GPT(nn.Module):
         if self.config.pos == "learned":
             x = x + tr.wpe(torch.arange(self.config.pos_offset, T + self.config.pos_offset, device=idx.device))
         else:
-            rope = rope_cos_sin(self.config, T, idx.device)
+            rope = rope_cos_sin(self.config, T, idx.device, x.dtype)
         x = tr.drop(x)
         for block in tr.h:
             if self.grad_ckpt and self.training:
@@ -268,12 +270,16 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         return logits, per_sample_cross_entropy(logits, targets)
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; decay only matrices (weights of Linear/Embedding), not biases or norm gains."""
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, decay="matrices"):
+        """AdamW. decay="matrices": weight decay on matrices only (weights of Linear/Embedding), not on biases or
+        norm gains, as nanoGPT; decay="all": on every parameter, as torch.optim.AdamW(model.parameters()) does
+        (the official code). The two groups stay either way, so that checkpoints of both load alike."""
+        if decay not in ("matrices", "all"):
+            raise ValueError(f"unknown decay {decay!r}: choose matrices or all")
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": weight_decay if decay == "all" else 0.0},
         ]
         # the fused CUDA kernel is one launch for all parameters instead of several per parameter
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == "cuda"))

@@ -9,8 +9,11 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,6 +23,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+
+from model import GPT, GPTConfig
 
 
 # -----------------------------------------------------------------------------
@@ -382,3 +387,96 @@ class Progress:
             record["mfu"] = self.flops_per_token * n_samples * self.block_size / dt / (self.peak * world()[1])
             mfu = f" | MFU {record['mfu']:.1%}"
         return f"{n_tokens / dt / 1e3:.1f}k tok/s{mfu} | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min"
+
+
+# -----------------------------------------------------------------------------
+# random state: dropout draws from the device's generator (and the CPU's); a pass replayed from a saved
+# state draws the same masks
+
+def rng_state(device):
+    accelerator = {"cuda": lambda: torch.cuda.get_rng_state(device), "mps": lambda: torch.mps.get_rng_state()}
+    return torch.get_rng_state(), accelerator.get(device.type, lambda: None)()
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state[1])
+
+
+# -----------------------------------------------------------------------------
+# the run's pieces that train.py's loop takes as given: a model placed, an optimizer, a checkpoint writer
+
+def load_model(path):
+    """(our GPT, the checkpoint) from one of train.py's checkpoints."""
+    ckpt = load_checkpoint(path)
+    try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a checkpoint of this code's GPT ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}): pass a train.py out_dir") from None
+    return model, ckpt
+
+
+def place(model, ckpt, args, distributed):
+    """Device, precision, sharding, AdamW, the resumed state and compilation of the model to train.
+    -> (device, dtype, autocast context, loss scaler, model as trained (wrapped), optimizer, first step)"""
+    device = start(args.device, distributed)
+    dtype = pick_dtype(args.dtype, device)
+    ctx, scaler = precision(dtype, device)
+    raw_model, model = model, shard_or_move(model, device, dtype, args.fsdp)
+    optimizer = raw_model.configure_optimizer(args.weight_decay, args.lr, (args.beta1, args.beta2), device.type,
+                                              args.decay_params)
+    if distributed:  # the same initial weights everywhere, but each rank its own dropout masks
+        torch.manual_seed(args.seed + world()[0])
+    step = restore(ckpt, model, optimizer, scaler, device) if args.init_from == "resume" else 0
+    model = compile_and_wrap(model, args.compile, distributed and not args.fsdp, device)
+    return device, dtype, ctx, scaler, model, optimizer, step
+
+
+def save_run(raw_model, optimizer, scaler, device, args, step, **extra):
+    """A checkpoint of the run at `step` (all ranks call: under FSDP gathering the state is a collective)."""
+    state = full_state(raw_model, optimizer, device)
+    if world()[0] == 0:
+        save_checkpoint(dict(state, scaler=scaler.state_dict(), model_args=asdict(raw_model.config), args=vars(args),
+                             step=step, **extra), Path(args.out_dir), args.keep_last)
+
+
+def step_or_skip(optimizer, scaler, model, grad_clip, losses, docs, step, log):
+    """The optimizer step, unless a loss is not finite (one corrupt sample must not poison the model) or float16
+    gradients overflowed; the gradients are cleared either way."""
+    if not torch.isfinite(losses).all():
+        log.print(f"step {step}: non-finite loss in documents {docs[~torch.isfinite(losses).numpy()].tolist()}: "
+                  "step skipped", file=sys.stderr)
+    elif not optimizer_step(optimizer, scaler, model.parameters(), grad_clip):
+        log.print(f"step {step}: float16 gradient overflow, step skipped, loss scale now {scaler.get_scale():g}")
+    optimizer.zero_grad(set_to_none=True)
+
+
+def to_device(t, device):
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def run_line(raw_model, args, n_train, device, dtype):
+    n = args.batch_size * args.grad_accum * world()[1]
+    return (f"{raw_model.num_params() / 1e6:.2f}M parameters | {args.method} | {n_train} train samples | effective "
+            f"batch {n} = {args.batch_size} x {args.grad_accum} x {world()[1]} processes | {device} {dtype}"
+            + (" | FSDP" if args.fsdp else ""))
+
+
+def step_line(record, max_iters, n, tail):
+    return (f"step {record['step'] + 1}/{max_iters} | loss {record['loss']:.4f} | weighted {record['wloss']:.4f} | "
+            f"w max {record['wmax']:.3f} | ess {record['ess']:.1f}/{n} | lr {record['lr']:.2e} | {tail}")
+
+
+def same_count(items, pad, device):
+    """`items` padded with `pad` to the length of the longest of any rank's: under FSDP every forward and
+    backward pass is a collective, so every rank must run as many (DDP: each rank joins the one gradient sync)."""
+    if not dist.is_initialized():
+        return items
+    return items + [pad] * (int(all_max(torch.tensor(len(items), device=device)).item()) - len(items))

@@ -18,7 +18,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import hf
 import prepare_data
 import reweight
 import runtime
-from model import GPT, IGNORE_INDEX, GPTConfig
+from model import GPT, IGNORE_INDEX, GPTConfig  # noqa: F401  (GPTConfig: reached as train.GPTConfig)
 from runtime import all_cat, all_max, all_sum, grad_sync, world
 
 # -----------------------------------------------------------------------------
@@ -38,20 +37,20 @@ from runtime import all_cat, all_max, all_sum, grad_sync, world
 def load_split(data_dir, split, block_size):
     """A split as a table of samples. A document of L tokens has L-1 targets; it is cut into
     consecutive chunks of at most block_size targets, so no sample crosses a document boundary.
-    Instruction data (prepare_data.py --format instruct): one example is one sample, never chunked, and its
-    mask (1 = target) keeps the prompt out of the loss."""
+    Instruction data (prepare_data.py --format instruct): one example is one sample, never chunked, so each
+    must fit block_size; its mask (1 = target) keeps the prompt out of the loss."""
     meta = json.loads((data_dir / "meta.json").read_text())
     tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
-    mask = None
-    if meta.get("format") == "instruct":
-        if meta["max_len"] - 1 > block_size:
-            raise ValueError(f"{data_dir} holds instruction examples of up to {meta['max_len']} tokens, which must "
-                             f"not be chunked: re-prepare with --max_len {block_size + 1} (or less) or raise "
-                             f"--block_size to {meta['max_len'] - 1}")
-        mask = np.memmap(data_dir / f"{split}_mask.bin", dtype=np.uint8, mode="r")
     docs = np.load(data_dir / f"{split}_docs.npz")
     offsets, ids = docs["offsets"], docs["ids"]
     n_targets = np.maximum(np.diff(offsets) - 1, 0)
+    instruct = meta.get("format") == "instruct"
+    if instruct and len(ids) and n_targets.max() > block_size:  # the examples' own lengths, not the --max_len cap
+        i = n_targets.argmax()
+        raise ValueError(f"{data_dir}: {split} example {ids[i]} has {n_targets[i]} targets, more than --block_size "
+                         f"{block_size}, and examples are never chunked: raise --block_size to {n_targets[i]} or "
+                         f"re-prepare with --max_len {block_size + 1} (truncating the longer ones)")
+    mask = np.memmap(data_dir / f"{split}_mask.bin", dtype=np.uint8, mode="r") if instruct else None
     n_chunks = -(-n_targets // block_size)  # ceil division
     doc = np.repeat(np.arange(len(ids)), n_chunks)  # document index of every sample
     chunk = np.arange(len(doc)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
@@ -72,19 +71,17 @@ def get_batch(data, samples, block_size, device):
         if data.get("mask") is not None:  # instruction data: only response tokens (and the eos) are targets
             target = data["mask"][data["start"][sample] + 1:data["end"][sample]]
             y[row, :len(seq) - 1][target == 0] = IGNORE_INDEX
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    return runtime.to_device(torch.from_numpy(x), device), runtime.to_device(torch.from_numpy(y), device)
 
 
 def step_samples(seed, step, n, n_samples):
-    """The n samples of optimizer step `step`: positions step*n .. step*n+n-1 of an endless stream
-    of epochs, each a fresh permutation. A function of (seed, step, n) alone, so the data does not
+    """The n samples of optimizer step `step`: epochs of whole steps, each a fresh permutation of the samples
+    cut into n_samples // n steps of n; the leftover n_samples % n go unused that epoch (as drop_last does),
+    so a step never holds a sample twice. A function of (seed, step, n, n_samples) alone: the data does not
     depend on how the step is split into micro-batches or processes, and resume needs no state."""
-    position = step * n + np.arange(n)
-    return np.array([epoch_order(seed, epoch, n_samples)[i]
-                     for epoch, i in zip(position // n_samples, position % n_samples)])
+    steps_per_epoch = n_samples // n
+    epoch, k = divmod(step, steps_per_epoch)
+    return epoch_order(seed, epoch, n_samples)[k * n:(k + 1) * n].copy()
 
 
 @functools.lru_cache(maxsize=2)
@@ -103,7 +100,7 @@ def epoch_order(seed, epoch, n_samples):
 #
 # That keeps the graphs of all n samples alive until the backward pass (the official code did so across
 # its whole pool). forward_backward gets the same gradient with one micro-batch alive at a time, in one of
-# two exact ways, and under torchrun with the weights of the global batch.
+# two exact ways (three: dropout needs its own), and under torchrun with the weights of the global batch.
 
 def forward_backward(model, batches, method, hparams, ctx, scale=lambda loss: loss):
     """Leave grad = d/dtheta sum_i w_i l_i in the parameters, w = reweight.weights(the losses of all
@@ -115,8 +112,9 @@ def forward_backward(model, batches, method, hparams, ctx, scale=lambda loss: lo
     params = list(model.parameters())  # before any forward: FSDP swaps in gathered parameters during one
     backward = lambda weighted_loss: scale(weighted_loss * world()[1]).backward()  # noqa: E731
     fn, hp = reweight.method(method, **hparams)
-    if getattr(fn, "score", None) is None:
-        return scored(model, batches, method, hparams, ctx, backward)
+    if getattr(fn, "score", None) is None:  # under dropout the ranked losses must be the trained ones: replayed
+        dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+        return (replayed if dropout else scored)(model, batches, method, hparams, ctx, backward)
     losses, w = streamed(model, batches, lambda losses: fn.score(losses, **hp), ctx, backward, params)
     # the shortcut must agree with the definition: an edited reweight.py function fails loudly here
     w_def = reweight.weights(losses, method, **hparams)
@@ -186,16 +184,47 @@ def scored(model, batches, method, hparams, ctx, backward):
     if n_first == 0:
         return losses, w
     x_all, y_all = torch.cat([x for x, _ in first]), torch.cat([y for _, y in first])
-    chunks = w_own[:n_first].nonzero().squeeze(1).split(len(batches[0][0]))
-    if len(chunks[0]) == 0:
-        if size == 1:
-            return losses, w
-        chunks = [torch.zeros(1, dtype=torch.long, device=x_all.device)]
-    for i, rows in enumerate(chunks):
+    kept = w_own[:n_first].nonzero().squeeze(1)
+    chunks = [(rows, w_own[rows]) for rows in kept.split(len(batches[0][0])) if len(rows)]
+    zero = torch.zeros(1, dtype=torch.long, device=x_all.device)  # torchrun: as many chunks on every rank,
+    chunks = runtime.same_count(chunks, (zero, w_own[zero] * 0), zero.device)  # padded with a weight-0 sample
+    for i, (rows, w_rows) in enumerate(chunks):
         with grad_sync(model, last=i == len(chunks) - 1):
             with ctx:
                 _, loss = model(x_all[rows], y_all[rows])
-            backward((loss * w_own[rows]).sum())
+            backward((loss * w_rows).sum())
+    return losses, w
+
+
+def replayed(model, batches, method, hparams, ctx, backward):
+    """`scored` under dropout, where each pass draws new masks: ranked losses of one pass would not be the trained
+    ones of another. So each micro-batch is scored by the training pass itself, from a saved RNG state, and one
+    with kept samples is forwarded again from that state at the same shape: the same masks and losses, now with a
+    graph, dropped rows weighing 0. In one process the last one keeps its graph. The RNG ends as after one pass."""
+    rank, size = world()
+    device, sizes = batches[0][0].device, [len(x) for x, _ in batches]
+    states, own, graph = [], [], None
+    for i, (x, y) in enumerate(batches):
+        states.append(runtime.rng_state(device))
+        with grad_sync(model, last=False), ctx:  # DDP: no gradient sync is prepared for a pass not backpropagated
+            _, loss = model(x, y)
+        graph = loss if size == 1 and i == len(batches) - 1 else None
+        own.append(loss.detach())
+    after = runtime.rng_state(device)
+    losses = all_cat(torch.cat(own))
+    w = reweight.weights(losses, method, **hparams)
+    w_own = w[rank * sum(sizes):(rank + 1) * sum(sizes)].split(sizes)
+    if graph is not None and w_own[-1].any():
+        backward((graph * w_own[-1]).sum())
+    del graph, loss
+    again = [(i, w_own[i]) for i in range(len(batches) - (size == 1)) if w_own[i].any()]
+    again = runtime.same_count(again, (0, w_own[0] * 0), device)  # torchrun: as many passes on every rank
+    for j, (i, w_rows) in enumerate(again):
+        runtime.set_rng_state(states[i], device)
+        with grad_sync(model, last=j == len(again) - 1), ctx:
+            _, loss = model(*batches[i])
+        backward((loss * w_rows).sum())
+    runtime.set_rng_state(after, device)
     return losses, w
 
 
@@ -203,8 +232,7 @@ def scored(model, batches, method, hparams, ctx, backward):
 # set-up: everything that can fail on bad input happens here, before any training or writing
 
 def setup(args, size=1, distributed=False):
-    """-> (train data, val data, model, checkpoint or None). `size`: the number of processes;
-    `distributed`: started by torchrun."""
+    """-> (train data, val data, model, checkpoint or None); `size` processes, started by torchrun if `distributed`."""
     cli.check(args, size, distributed)
     n = args.batch_size * args.grad_accum * size
     data_dir = prepare_data.ensure_prepared(Path(args.data), size)
@@ -230,13 +258,7 @@ def build_model(args, meta, data_dir):
     torch.manual_seed(args.seed)  # the model's initialisation (from scratch) and dropout
     if args.init_from != "scratch":  # one of our own runs: this one (resume) or an earlier one
         path = Path(args.out_dir if args.init_from == "resume" else args.init_from) / "ckpt.pt"
-        ckpt = runtime.load_checkpoint(path)
-        try:
-            model = GPT(GPTConfig(**ckpt["model_args"]))
-            model.load_state_dict(ckpt["model"])
-        except (KeyError, TypeError, RuntimeError) as e:
-            raise ValueError(f"{path} is not a checkpoint of this code's GPT ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:120]}): pass a train.py out_dir") from None
+        model, ckpt = runtime.load_model(path)
         if ckpt.get("tokenizer") != prepare_data.tokenizer_id(meta):
             raise ValueError(f"{path} was trained on {ckpt.get('tokenizer')} tokens but {data_dir} holds "
                              f"{prepare_data.tokenizer_id(meta)} tokens: prepare the data with the model's tokenizer")
@@ -288,7 +310,7 @@ def evaluate(model, data, samples, batch_size, block_size, device, ctx):
     for i in range(0, per_rank, batch_size):
         x, y = get_batch(data, idx[i:i + batch_size], block_size, device)
         with ctx:
-            loss = model(x, y)[1].float()
+            loss = model(x, y)[1]  # float32 at least (model.per_sample_cross_entropy), never cast down
         total += loss[torch.from_numpy(counts[i:i + batch_size]).to(device)].sum().item()
     model.train()
     if hasattr(model, "reshard"):  # FSDP keeps the root's parameters gathered after a forward: free them
@@ -304,21 +326,10 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    device = runtime.start(args.device, distributed)
-    dtype = runtime.pick_dtype(args.dtype, device)
-    ctx, scaler = runtime.precision(dtype, device)
-    raw_model, model = model, runtime.shard_or_move(model, device, dtype, args.fsdp)
-    optimizer = raw_model.configure_optimizer(args.weight_decay, args.lr, (args.beta1, args.beta2), device.type)
-    if distributed:  # the same initial weights everywhere, but each rank its own dropout masks
-        torch.manual_seed(args.seed + world()[0])
-    resume = args.init_from == "resume"  # the same run goes on: optimizer, step counter and RNG too
-    step = runtime.restore(ckpt, model, optimizer, scaler, device) if resume else 0
-    model = runtime.compile_and_wrap(model, args.compile, distributed and not args.fsdp, device)
-    log = runtime.RunLog(Path(args.out_dir), args, resume_step=step if resume else None)
-    n = args.batch_size * args.grad_accum * world()[1]
-    log.print(f"{raw_model.num_params() / 1e6:.2f}M parameters | {args.method} | {len(train_data['start'])} train "
-              f"samples | effective batch {n} = {args.batch_size} x {args.grad_accum} x {world()[1]} processes | "
-              f"{device} {dtype}" + (" | FSDP" if args.fsdp else ""))
+    raw_model = model  # placed: device, precision, DDP/FSDP, AdamW; on resume also optimizer, step and RNG
+    device, dtype, ctx, scaler, model, optimizer, step = runtime.place(raw_model, ckpt, args, distributed)
+    log = runtime.RunLog(Path(args.out_dir), args, resume_step=step if args.init_from == "resume" else None)
+    log.print(runtime.run_line(raw_model, args, len(train_data["start"]), device, dtype))
     val_loss = train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, val_data, step, log)
     state = runtime.model_state(raw_model)  # FSDP: a collective
     if log.on:
@@ -340,24 +351,19 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
     stop = runtime.StopSignal()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
     progress = runtime.Progress(raw_model.config, raw_model.num_params(), args.block_size, device,
                                 runtime.pick_dtype(args.dtype, device), step, args.max_iters)
-
-    def checkpoint(step):
-        state = runtime.full_state(raw_model, optimizer, device)  # under FSDP a collective: all ranks call
-        if rank == 0:
-            runtime.save_checkpoint(dict(state, scaler=scaler.state_dict(), model_args=asdict(raw_model.config),
-                                         args=vars(args), step=step, val_loss=val_loss,
-                                         tokenizer=prepare_data.tokenizer_id(train_data["meta"])), Path(args.out_dir), args.keep_last)
+    checkpoint = functools.partial(runtime.save_run, raw_model, optimizer, scaler, device, args,  # all ranks call
+                                   tokenizer=prepare_data.tokenizer_id(train_data["meta"]))
 
     while True:
         if step != last_eval and (step % args.eval_interval == 0 or step == args.max_iters):
             val_loss = evaluate(model, val_data, eval_set, args.batch_size, args.block_size, device, ctx)
             log.record(dict(type="eval", step=step, val_loss=val_loss), f"==> step {step}: val loss {val_loss:.4f}")
             if step > 0:
-                checkpoint(step)
+                checkpoint(step, val_loss=val_loss)
         if step >= args.max_iters:
             break
         if stop.requested(device):  # all ranks stop at the same step
-            checkpoint(step)
+            checkpoint(step, val_loss=val_loss)
             log.print(f"stopped by {stop.name()} after step {step}: checkpoint saved in {args.out_dir}; "
                       "continue with --init_from resume")
             break
@@ -373,12 +379,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
         losses, w = forward_backward(model, batches, args.method, hparams, ctx, scaler.scale)
         losses, w = losses.cpu(), w.cpu()  # the one device sync of the step
         docs = train_data["doc"][samples]
-        if not torch.isfinite(losses).all():  # one corrupt sample must not poison the model: skip the step
-            log.print(f"step {step}: non-finite loss in documents {docs[~torch.isfinite(losses).numpy()].tolist()}: "
-                      "step skipped", file=sys.stderr)
-        elif not runtime.optimizer_step(optimizer, scaler, model.parameters(), args.grad_clip):
-            log.print(f"step {step}: float16 gradient overflow, step skipped, loss scale now {scaler.get_scale():g}")
-        optimizer.zero_grad(set_to_none=True)
+        runtime.step_or_skip(optimizer, scaler, model, args.grad_clip, losses, docs, step, log)  # skip: non-finite
         dt = time.time() - t0
 
         record = dict(type="train", step=step, loss=losses.mean().item(), wloss=(w * losses).sum().item(),
@@ -387,9 +388,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
             record["tilted"] = reweight.tilted_loss(losses, args.tau).item()
         n_tokens = int((train_data["end"][samples] - train_data["start"][samples] - 1).sum())  # targets, all ranks
         tail = progress.update(record, step, dt, n_tokens, n)
-        log.record(record, f"step {step + 1}/{args.max_iters} | loss {record['loss']:.4f} | weighted "
-                           f"{record['wloss']:.4f} | w max {record['wmax']:.3f} | ess {record['ess']:.1f}/{n} | "
-                           f"lr {lr:.2e} | {tail}")
+        log.record(record, runtime.step_line(record, args.max_iters, n, tail))
         log.weights(dict(step=step, loss=losses.tolist(), weight=w.tolist(), doc=docs.tolist()))
         step += 1
     stop.restore()

@@ -138,11 +138,26 @@ def test_demo_set_and_block_size_check(tmp_path, capsys):
     scenes = prepare_data.read_jsonl_gz(prepare_data.EMBEDDED_CORPUS)
     a = instruct.demo_records(scenes)
     assert a == instruct.demo_records(scenes) and 200 <= len(a) <= 1000
-    out = prepare_data.prepare(out_dir=tmp_path / "d", format="instruct", max_len=65, max_docs=30)
+    out = prepare_data.prepare(out_dir=tmp_path / "d", format="instruct", max_len=513, max_docs=30)
     assert (out / "train_mask.bin").stat().st_size == (out / "train.bin").stat().st_size // 2
+    # an example is one sample, never chunked: --block_size must hold the longest example's targets (its
+    # tokens - 1), read here from the document boundaries, whatever --max_len the data was prepared with
+    longest = {}
+    for split in ("train", "val"):
+        docs = np.load(out / f"{split}_docs.npz")
+        n_targets = np.diff(docs["offsets"]) - 1
+        longest[split] = int(docs["ids"][n_targets.argmax()]), int(n_targets.max())
+    block = max(n for _, n in longest.values())
+    assert block < 512  # the old rule (--block_size >= max_len - 1) refused every block size below 512
+    for split in ("train", "val"):
+        assert train.load_split(out, split, block)["mask"] is not None
     with pytest.raises(SystemExit) as e:
-        train.main(["--data", str(out), "--block_size", "32", "--device", "cpu", "--out_dir", str(tmp_path / "o")])
-    assert e.value.code == 2 and "--max_len 33" in capsys.readouterr().err
+        train.main(["--data", str(out), "--block_size", str(block - 1), "--device", "cpu", "--out_dir",
+                    str(tmp_path / "o")])
+    refused, n = next((longest[s] for s in ("train", "val") if longest[s][1] > block - 1))  # train is loaded first
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert f"example {refused} has {n} targets" in err[0] and f"raise --block_size to {n}" in err[0], err
 
 
 def test_chat_template(tmp_path, spm_model):

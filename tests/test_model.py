@@ -89,3 +89,69 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model(x, y)[1].sum().backward()
     for p, g in zip(model.parameters(), plain):
         assert torch.allclose(p.grad, g, atol=1e-6)
+
+
+# --- casts only ever go up: float32 is the floor, float64 stays float64 ----------------------
+
+def test_rmsnorm_and_rotary_positions_of_a_float64_model_stay_float64():
+    from model import RMSNorm, apply_rope, rope_cos_sin
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, 32, generator=g, dtype=torch.float64) * 7 + 1 / 3
+    norm = RMSNorm(32, 1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(32, generator=g, dtype=torch.float64) + 0.5)
+    expected = h / torch.sqrt((h ** 2).mean(-1, keepdim=True) + 1e-5) * norm.weight  # float64 throughout
+    assert norm(h).dtype == torch.float64 and torch.allclose(norm(h), expected, rtol=1e-13, atol=0)
+    # rotary: pair (x_j, x_{j+d/2}) at position p turns by p * theta^(-2j/d), computed here in float64
+    config = GPTConfig(n_embd=32, n_head=2, pos="rope")
+    T, d = 12, config.head_dim
+    q = torch.randn(2, 2, T, d, generator=g, dtype=torch.float64)
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    x1, x2 = q[..., :d // 2], q[..., d // 2:]
+    expected = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), dim=-1)
+    got = apply_rope(q, *rope_cos_sin(config, T, "cpu", q.dtype))
+    assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=0, atol=1e-12)
+    # a whole float64 LLaMA-style model: float64 logits and per-sample losses
+    llama = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32, norm="rmsnorm", pos="rope",
+                          mlp="swiglu", bias=False)).double()
+    logits, loss = llama(*padded_batch([16, 4]))
+    assert logits.dtype == loss.dtype == torch.float64
+
+
+# --- the optimizer: which parameters are decayed ---------------------------------------------
+
+@pytest.mark.parametrize("decay", ["matrices", "all"])
+def test_weight_decay_reaches_the_parameters_it_names(decay):
+    """With zero gradients AdamW's step is the decay alone, p <- p * (1 - lr * wd): computed here per parameter."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    opt = model.configure_optimizer(0.5, 0.1, (0.9, 0.999), "cpu", decay)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        decayed = decay == "all" or p.dim() >= 2  # matrices: Linear/Embedding weights, not biases or norm gains
+        assert torch.allclose(p, before[name] * (0.95 if decayed else 1.0), rtol=1e-6, atol=0), name
+    assert any(p.dim() < 2 for p in model.parameters())  # biases and gains exist, so the two modes differ
+
+
+def test_decay_all_is_the_official_optimizer():
+    """--decay_params all: the steps of torch.optim.AdamW(model.parameters(), lr) with torch's defaults
+    (betas 0.9, 0.999, weight decay 0.01), as the official code builds it."""
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    official = GPT(ours.config)
+    official.load_state_dict(ours.state_dict())
+    opts = [ours.configure_optimizer(0.01, 1e-3, (0.9, 0.999), "cpu", "all"),
+            torch.optim.AdamW(official.parameters(), lr=1e-3)]
+    x, y = padded_batch([16, 9])
+    for _ in range(3):
+        for m, opt in zip((ours, official), opts):
+            m(x, y)[1].mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(ours.named_parameters(), official.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7), name
+    with pytest.raises(ValueError, match="matrices or all"):
+        ours.configure_optimizer(0.01, 1e-3, (0.9, 0.999), "cpu", "biases")

@@ -69,17 +69,51 @@ def test_midrank_hand_example():
     assert w.tolist() == [0.25, 0.0, 0.25, 0.25, 0.25, 0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("portion", range(8))
-def test_midrank_reaches_the_official_frac_portion_settings(portion):
-    # official: c = int(frac * B); train on sorted ranks [portion * c, (portion + 1) * c)
-    frac, B = 0.125, 8
-    losses = torch.randperm(B).float()
-    c = int(frac * B)
-    ranked = torch.argsort(losses, descending=True)
-    expected = torch.zeros(B)
-    expected[ranked[portion * c:(portion + 1) * c]] = 1.0 / c
-    w = reweight.weights(losses, "midrank", skip=portion * frac, keep=frac)
-    assert torch.equal(w, expected)
+def official_midrank(losses, frac, portion):
+    """A transcription of the official batch_training.py: c = int(frac * B), the mean of the sorted losses
+    [portion * c : (portion + 1) * c] -> as weights; None where that slice is empty (the official mean is NaN)."""
+    B = len(losses)
+    capacity = int(frac * B)
+    ranked = sorted(range(B), key=lambda i: -losses[i])  # distinct losses: no ties
+    band = ranked[portion * capacity:(portion + 1) * capacity]
+    if not band:
+        return None
+    return [1.0 / len(band) if i in band else 0.0 for i in range(B)]
+
+
+FRACS = [0.05, 0.1, 0.125, 0.15, 0.2, 0.25, 0.29, 0.3, 1 / 3, 0.5, 0.7, 1.0]
+
+
+def test_midrank_frac_portion_is_the_official_rule_exactly():
+    """12 fracs x 9 portions x n = 1..64: 6,912 settings (--skip P*F --keep F gives other ranks in 1,632)."""
+    g = torch.Generator().manual_seed(0)
+    for n in range(1, 65):
+        losses = torch.randperm(n, generator=g).double()
+        for frac in FRACS:
+            for portion in range(9):
+                expected = official_midrank(losses.tolist(), frac, portion)
+                if expected is None:
+                    with pytest.raises(ValueError, match="frac"):
+                        reweight.weights(losses, "midrank", frac=frac, portion=portion)
+                    continue
+                w = reweight.weights(losses, "midrank", frac=frac, portion=portion)
+                assert w.tolist() == expected, (n, frac, portion)
+
+
+def test_midrank_frac_portion_where_skip_keep_cannot_follow():
+    losses = torch.arange(20.0).flip(0)  # rank r is index r
+    w = reweight.weights(losses, "midrank", frac=0.125, portion=3)
+    assert w.nonzero().squeeze(1).tolist() == [6, 7]  # c = 2: ranks 6, 7
+    assert reweight.weights(losses, "midrank", skip=0.375, keep=0.125).nonzero().squeeze(1).tolist() == [7, 8]
+    assert reweight.midrank_counts(100, frac=0.29) == (0, 28)  # int(0.29 * 100) = 28 in floating point, as official
+    assert reweight.midrank_counts(20, frac=0.3, portion=3) == (18, 2)  # the band is cut at n, as the slice is
+    assert torch.equal(reweight.weights(losses, "midrank", frac=1.0, portion=0), reweight.erm(losses))
+
+
+@pytest.mark.parametrize("frac,portion", [(0.0, 0), (1.5, 0), (0.125, -1), (0.125, 0.5), (0.04, 0), (0.25, 4)])
+def test_midrank_rejects_bad_frac_portion(frac, portion):
+    with pytest.raises(ValueError, match="frac"):
+        reweight.weights(torch.rand(20), "midrank", frac=frac, portion=portion)
 
 
 def test_midrank_full_keep_is_erm_and_counts_are_exact():

@@ -46,6 +46,19 @@ def test_step_samples_depend_on_seed_step_and_n_only():
     assert sorted(epoch.tolist()) == list(range(50))
 
 
+@pytest.mark.parametrize("n,n_samples", [(16, 50), (7, 30), (256, 1000), (10, 10)])
+def test_a_step_holds_distinct_samples_and_an_epoch_all_but_the_leftover(n, n_samples):
+    steps_per_epoch = n_samples // n
+    for epoch in range(8):
+        steps = [train.step_samples(5, epoch * steps_per_epoch + k, n, n_samples) for k in range(steps_per_epoch)]
+        for samples in steps:
+            assert len(samples) == n and len(set(samples.tolist())) == n
+        used = set(np.concatenate(steps).tolist())  # every sample but the n_samples % n left over this epoch
+        assert len(used) == steps_per_epoch * n and used <= set(range(n_samples))
+    later = train.step_samples(5, steps_per_epoch, n, n_samples)  # each epoch its own permutation
+    assert n_samples < 2 or not np.array_equal(later, train.step_samples(5, 0, n, n_samples))
+
+
 # --- exact reweighting over the effective batch ------------------------------
 
 def reference_grads(model, x, y, method, tau, skip, keep):
@@ -85,6 +98,53 @@ def test_forward_backward_equals_the_whole_batch_gradient(method, micro):
     assert w.max() > 0.2 or method == "erm"
     for p, g in zip(model.parameters(), ref):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("micro", [4, 2, 1])
+def test_midrank_with_dropout_ranks_the_losses_it_backpropagates(micro):
+    """Dropout 0.1: each pass draws its own masks. The losses that are ranked must be the ones whose gradient
+    is taken: the step must equal the naive one, every micro-batch forwarded once with a graph, in order,
+    w = midrank of those losses, (w * l).sum().backward() -- the same masks from the same seed."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.1)).train()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(64, (8, 16), generator=g), torch.randint(64, (8, 16), generator=g)
+    batches = [(x[i:i + micro], y[i:i + micro]) for i in range(0, 8, micro)]
+    hparams = dict(skip=0.25, keep=0.5)
+
+    torch.manual_seed(7)
+    l = torch.cat([model(xb, yb)[1] for xb, yb in batches])
+    w_ref = torch.zeros(8)
+    w_ref[torch.argsort(l.detach(), descending=True)[2:6]] = 0.25  # ranks 2..5 of 8, computed here
+    (w_ref * l).sum().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    rng_after = torch.get_rng_state()
+    model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(7)
+    losses, w = train.forward_backward(model, batches, "midrank", hparams, nullcontext())
+    assert torch.allclose(losses, l.detach(), rtol=0, atol=1e-6) and torch.equal(w, w_ref)
+    assert_grads_equal([p.grad for p in model.parameters()], ref)
+    assert torch.equal(torch.get_rng_state(), rng_after)  # one pass a micro-batch, as the naive step
+    with torch.no_grad():  # the masks matter: without dropout the losses are others
+        assert (model.eval()(x, y)[1] - losses).abs().max() > 1e-3
+
+
+def test_midrank_under_torchrun_keeps_unevenly_over_the_ranks(tiny_flags, tmp_path):
+    """2 processes: MidRanking keeps 4 of 8 samples, unevenly over the ranks, so one rank forwards more kept
+    micro-batches than the other; under FSDP every pass is a collective, so none may hang. Dropout 0: FSDP takes
+    the steps of one process; dropout 0.1 (the replayed route): FSDP takes the steps of DDP (same masks per rank)."""
+    from test_distributed import assert_same_run, torchrun
+    flags = tiny_flags + ["--method", "midrank", "--skip", "0.25", "--keep", "0.5", "--max_iters", "3",
+                          "--warmup_iters", "0", "--eval_interval", "3", "--batch_size", "2"]
+    train.main(flags + ["--grad_accum", "4", "--dropout", "0", "--out_dir", str(tmp_path / "one")])
+    for name, extra in [("fsdp0", ["--dropout", "0", "--fsdp"]), ("ddp1", ["--dropout", "0.1"]),
+                        ("fsdp1", ["--dropout", "0.1", "--fsdp"])]:
+        res = torchrun(flags + ["--grad_accum", "2", "--out_dir", str(tmp_path / name), *extra], timeout=120)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert any(sum(w > 0 for w in r["weight"][:4]) != 2 for r in read_jsonl(tmp_path / "one" / "weights.jsonl"))
+    assert_same_run(tmp_path / "one", tmp_path / "fsdp0", atol=3e-5)
+    assert_same_run(tmp_path / "ddp1", tmp_path / "fsdp1", atol=3e-5)
 
 
 # --- reweight.py is the one definition of the weights: training follows it --------------------
@@ -232,6 +292,16 @@ def test_weights_jsonl_midrank_is_uniform_on_the_kept_band(tiny_flags, tmp_path)
         assert np.allclose(w, [0, 0, 0.25, 0.25, 0.25, 0.25, 0, 0])
 
 
+def test_weights_jsonl_midrank_frac_portion_is_the_official_band(tiny_flags, tmp_path):
+    run(tiny_flags, tmp_path, "official", "--method", "midrank", "--frac", "0.25", "--portion", "1",
+        "--max_iters", "2", "--batch_size", "4", "--grad_accum", "3")
+    args = json.loads((tmp_path / "official" / "args.json").read_text())
+    assert (args["frac"], args["portion"], args["skip"], args["keep"]) == (0.25, 1, None, None)
+    for r in read_jsonl(tmp_path / "official" / "weights.jsonl"):  # n = 12, c = int(0.25 * 12) = 3: ranks 3..5
+        ranked = np.argsort(-np.array(r["loss"]), kind="stable")
+        assert np.allclose(np.array(r["weight"])[ranked], [0] * 3 + [1 / 3] * 3 + [0] * 6)
+
+
 def test_training_lowers_the_val_loss_and_logs_every_step(tiny_flags, tmp_path):
     run(tiny_flags, tmp_path, "erm", "--method", "erm", "--max_iters", "30", "--eval_interval", "15",
         "--lr", "3e-3", "--batch_size", "8", "--grad_accum", "1")
@@ -241,6 +311,8 @@ def test_training_lowers_the_val_loss_and_logs_every_step(tiny_flags, tmp_path):
     assert [r["step"] for r in log if r["type"] == "train"] == list(range(30))
     ckpt = torch.load(tmp_path / "erm" / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 30 and set(ckpt) >= {"model", "optimizer", "model_args", "args", "rng"}
+    groups = ckpt["optimizer"]["param_groups"]  # from scratch: nanoGPT's decay of matrices only
+    assert ckpt["args"]["decay_params"] == "matrices" and [g["weight_decay"] for g in groups] == [0.1, 0.0]
 
 
 def test_the_quick_start_defaults_learn(tmp_path):
@@ -281,6 +353,8 @@ def test_continue_from_an_earlier_run(tiny_flags, tmp_path):
     (["--tau", "0"], "tau"),
     (["--method", "midrank", "--keep", "0.01"], "keep"),
     (["--method", "midrank", "--skip", "0.8", "--keep", "0.5"], "skip"),
+    (["--method", "midrank", "--frac", "0.25", "--keep", "0.5"], "give one of the two pairs"),
+    (["--method", "midrank", "--portion", "8"], "c = int(frac*n)"),
     (["--data", "/nonexistent/data"], "prepare_data.py"),
     (["--batch_size", "64", "--grad_accum", "64"], "exceeds"),
     (["--init_from", "/nonexistent/run"], "checkpoint"),
@@ -365,6 +439,27 @@ def test_kill_9_anywhere_then_resume_equals_an_unbroken_run(tiny_flags, tmp_path
     assert read_jsonl(out / "weights.jsonl") == read_jsonl(tmp_path / "straight" / "weights.jsonl")
 
 
+def test_a_float64_model_is_never_cast_down(tiny_data):
+    """float32 is the floor: a float64 model's losses, weights, gradients and val loss stay float64."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=32, norm="rmsnorm",
+                          pos="rope", mlp="swiglu", bias=False)).double()
+    data, cpu = train.load_split(tiny_data, "val", 16), torch.device("cpu")
+    samples = np.arange(6)
+    val = train.evaluate(model, data, samples, 4, 16, cpu, nullcontext())
+    with torch.no_grad():
+        l = model.eval()(*train.get_batch(data, samples, 16, cpu))[1]
+    assert l.dtype == torch.float64 and val == pytest.approx(l.sum().item() / 6, rel=1e-14)
+    model.train()
+    x, y = train.get_batch(data, samples[:4], 16, cpu)
+    for method in reweight.METHODS:
+        losses, w = train.forward_backward(model, [(x[:2], y[:2]), (x[2:], y[2:])], method, dict(tau=0.5, skip=0.25,
+                                           keep=0.5), nullcontext())
+        assert losses.dtype == w.dtype == torch.float64 and all(p.grad.dtype == torch.float64
+                                                                for p in model.parameters())
+        model.zero_grad(set_to_none=True)
+
+
 def test_compiled_model_gives_the_same_step_on_cpu():
     """--compile must work on CPU too (inductor's C++ backend): same losses, weights and gradients."""
     torch.manual_seed(0)
@@ -400,6 +495,7 @@ def test_pretrained_continual_training_runs_and_exports(tiny_llama, tmp_path):
                       "--device", "cpu", "--no-compile", "--out_dir", str(out)])
     args = json.loads((out / "args.json").read_text())
     assert args["lr"] == 2e-6 and args["schedule"] == "constant" and args["weight_decay"] == 0.01  # the recipe
+    assert args["decay_params"] == "all" and args["beta2"] == 0.999  # torch.optim.AdamW(model.parameters(), lr)
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= {
         p.name for p in (out / "hf").iterdir()}
     back = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
