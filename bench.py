@@ -100,7 +100,7 @@ def main():
             if device.type == "cuda":
                 peak[m] = max(peak.get(m, 0), torch.cuda.max_memory_allocated())
 
-    kept = reweight.midrank_counts(n, args.skip, args.keep)[1]
+    kept = int((reweight.weights(torch.rand(n), "midrank", **cli.method_hparams(args)) > 0).sum())
     print(f"{device} {dtype} | {n_params / 1e6:.2f}M params | "
           f"batch {n} = {args.batch_size} x {args.grad_accum} of {args.block_size} tokens | "
           f"midrank keeps {kept}/{n}, irdro tau {args.tau} | {args.steps} steps, median")

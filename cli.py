@@ -129,6 +129,7 @@ def get_args(argv=None, parser=None):
         takes = ", ".join(f"--{k}" for k in taken) or "no method flags"
         print(f"{parser.prog}: warning: --{flag} does not apply to --method {args.method} (it takes {takes}): "
               "ignored", file=sys.stderr)
+    args.method_args = taken  # what the method takes of the flags: in args.json, for plot.py's labels
     run = "-".join([args.method] + [f"{k}{v}" for k, v in taken.items() if v is not None])
     args.out_dir = args.out_dir.format(method=args.method, run=run)
     try:

@@ -53,13 +53,13 @@ def read_jsonl(path):
 
 
 def describe(args):
-    """'irdro (τ=1)', 'midrank (skip=0.125, keep=0.5)', 'erm': the method and the knobs that matter."""
+    """'irdro (τ=1)', 'midrank (skip=0.125, keep=0.5)', 'erm': the method and the settings it takes
+    (args.json's method_args; older runs: tau for irdro, skip and keep for midrank)."""
     method = args.get("method", "?")
-    if method == "irdro":
-        return f"irdro (τ={args['tau']:g})"
-    if method == "midrank":
-        return f"midrank (skip={args['skip']:g}, keep={args['keep']:g})"
-    return method
+    old = {"irdro": ("tau",), "midrank": ("skip", "keep")}.get(method, ())
+    settings = args.get("method_args", {k: args[k] for k in old if k in args})
+    shown = ", ".join(f"{'τ' if k == 'tau' else k}={v:g}" for k, v in settings.items() if v is not None)
+    return f"{method} ({shown})" if shown else method
 
 
 def run_label(run_dir, args):

@@ -28,7 +28,7 @@ import hf
 import prepare_data
 import reweight
 import runtime
-from model import GPT, IGNORE_INDEX, GPTConfig  # noqa: F401  (GPTConfig: reached as train.GPTConfig)
+from model import GPT, IGNORE_INDEX, GPTConfig
 from runtime import all_cat, all_max, all_sum, grad_sync, world
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 
 import plot
 import train
+from model import GPT, GPTConfig
 
 ROOT = train.Path(train.__file__).parent
 RUN_FIGURES = ("weights_hist.png", "loss_vs_weight.png", "ess.png")
@@ -67,7 +68,7 @@ def test_loss_hist_matches_train_evaluate(runs, tiny_data, tmp_path):
     # the per-sample losses are the model's: their mean over the whole val split is train.evaluate's
     [(name, losses)], _ = plot.checkpoint_losses([runs[0] / "ckpt.pt"], None, "val", 10**6, "cpu")
     ckpt = torch.load(runs[0] / "ckpt.pt", weights_only=False)
-    model = train.GPT(train.GPTConfig(**ckpt["model_args"]))
+    model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     val = train.load_split(tiny_data, "val", ckpt["args"]["block_size"])
     n = len(val["start"])
@@ -132,3 +133,12 @@ def test_weights_of_zero_get_their_own_panel_not_a_place_on_the_log_axis(runs, m
     # the w = 0 panel holds the dropped share of every column: here MidRanking drops half of each batch
     zero_share = mid_zero.collections[0].get_array()
     assert np.allclose(zero_share.compressed(), 0.5)
+
+
+def test_run_labels_name_the_settings_the_method_takes():
+    import cli
+    for argv, label in ((["--method", "midrank", "--frac", "0.125", "--portion", "1"], "midrank (frac=0.125, portion=1)"),
+                        (["--method", "midrank"], "midrank (skip=0.125, keep=0.5)"),
+                        (["--method", "irdro", "--tau", "0.5"], "irdro (τ=0.5)"), (["--method", "erm"], "erm")):
+        assert plot.describe(vars(cli.get_args(argv))) == label
+    assert plot.describe({"method": "irdro", "tau": 1.0, "keep": 0.5}) == "irdro (τ=1)"  # an older run's args.json
