@@ -12,7 +12,9 @@ import math
 
 import torch
 
-METHODS = ("erm", "midrank", "irdro")
+import reweight_followup as followup  # beyond the paper: Sow et al.'s weightings and a random control
+
+METHODS = ("erm", "midrank", "irdro", "linupper", "quadratic", "extremes", "random")  # the paper's, then followup's
 
 
 def erm(losses):
@@ -84,7 +86,7 @@ def method(name, **hparams):
     """(the weight function `name` as defined now, the entries of `hparams` it takes, by argument name)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
-    fn = globals()[name]
+    fn = globals()[name] if name in globals() else getattr(followup, name)
     return fn, {k: hparams[k] for k in list(inspect.signature(fn).parameters)[1:] if k in hparams}
 
 
@@ -92,8 +94,3 @@ def weights(losses, name, **hparams):
     """Weights (n,) of the per-sample losses (n,) of one pool, by method name (float32 or float64)."""
     fn, hp = method(name, **hparams)
     return fn(losses.detach().to(torch.promote_types(losses.dtype, torch.float32)), **hp)
-
-
-def effective_sample_size(w):
-    """1 / sum_i w_i^2: n for uniform weights, 1 when one sample has all the weight."""
-    return 1.0 / float((w.double() ** 2).sum())

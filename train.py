@@ -383,7 +383,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
         dt = time.time() - t0
 
         record = dict(type="train", step=step, loss=losses.mean().item(), wloss=(w * losses).sum().item(),
-                      wmax=w.max().item(), ess=reweight.effective_sample_size(w), lr=lr)
+                      wmax=w.max().item(), ess=1 / (w.double() ** 2).sum().item(), lr=lr)  # n for ERM's w
         if args.method == "irdro":
             record["tilted"] = reweight.tilted_loss(losses, args.tau).item()
         n_tokens = int((train_data["end"][samples] - train_data["start"][samples] - 1).sum())  # targets, all ranks

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import reweight
+import reweight_followup
 import train
+from test_reweight_followup import reference as followup_reference
 from model import GPT, GPTConfig
 
 ROOT = train.Path(train.__file__).parent
@@ -71,6 +73,10 @@ def reference_grads(model, x, y, method, tau, skip, keep):
     elif method == "irdro":
         e = torch.exp(l / tau)
         w = e / e.sum()
+    elif method in ("linupper", "quadratic", "extremes"):  # the numpy transcription of their formulas
+        w = torch.from_numpy(followup_reference(l.numpy(), method, tau))
+    elif method == "random":  # which samples is the method's own draw (tested in test_reweight_followup)
+        w = reweight_followup.random(l, keep)
     else:
         order = sorted(range(len(l)), key=lambda i: -l[i].item())
         s, k = int(skip * len(l)), int(keep * len(l))
@@ -281,6 +287,9 @@ def test_weights_jsonl_irdro_is_softmax_of_the_logged_losses(tiny_flags, tmp_pat
         assert len(l) == len(r["weight"]) == len(r["doc"]) == 12
         assert np.allclose(r["weight"], e / e.sum(), rtol=1e-5)
         assert set(r["doc"]) <= train_ids
+    for r, w in zip((r for r in read_jsonl(tmp_path / "irdro" / "log.jsonl") if r["type"] == "train"), records):
+        assert r["ess"] == pytest.approx(1 / (np.array(w["weight"]) ** 2).sum())  # effective sample size
+        assert 1 < r["ess"] < 12
 
 
 def test_weights_jsonl_midrank_is_uniform_on_the_kept_band(tiny_flags, tmp_path):
