@@ -40,6 +40,8 @@ from model import GPT
 
 def main():
     p = cli.build_parser(__doc__)  # the model, data and method flags of train.py, same defaults
+    p.add_argument("--methods", nargs="+", default=["erm", "midrank", "irdro"], choices=reweight.METHODS,
+                   help="methods to time, beside the plain mean step and erm (the ratios are to erm)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     p.add_argument("--vs-hf", dest="vs_hf", action="store_true", help="ours vs transformers, see above")
@@ -87,7 +89,7 @@ def main():
         sync()
         return time.perf_counter() - t0
 
-    methods = ("mean",) + reweight.METHODS
+    methods = ("mean", "erm", *[m for m in args.methods if m != "erm"])  # erm: the reference of every ratio
     times = {m: [] for m in methods}
     peak = {}
     for k in range(args.warmup + args.steps):

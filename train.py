@@ -336,6 +336,7 @@ def main(argv=None):
         log.close()
         hf.export(raw_model.config, state, Path(args.out_dir) / "hf", hf.checkpoint_folder(args.pretrained) if
                   args.pretrained else train_data["meta"].get("tokenizer_source", train_data["meta"]["tokenizer"]))
+        log.print(f"next: python plot.py {args.out_dir}  (figures) | {args.out_dir}/hf: for transformers, lm-eval")
     runtime.finish(distributed)
     return dict(val_loss=val_loss, model=raw_model)
 

@@ -19,7 +19,7 @@ ROOT = train.Path(train.__file__).parent
 METHODS = {"erm": ["--method", "erm"], "irdro": ["--method", "irdro", "--tau", "0.1"],
            "midrank": ["--method", "midrank", "--skip", "0.125", "--keep", "0.5"],
            "midrank_one": ["--method", "midrank", "--skip", "0.25", "--keep", "0.125"],
-           "quadratic": ["--method", "quadratic", "--tau", "0.1"], "random": ["--method", "random", "--keep", "0.5"]}
+           "quadratic": ["--method", "quadratic", "--tau", "1.0"], "random": ["--method", "random", "--keep", "0.5"]}
 STEPS = ["--max_iters", "3", "--warmup_iters", "0", "--eval_interval", "3", "--dropout", "0"]
 
 

@@ -324,7 +324,7 @@ def test_training_lowers_the_val_loss_and_logs_every_step(tiny_flags, tmp_path):
     assert ckpt["args"]["decay_params"] == "matrices" and [g["weight_decay"] for g in groups] == [0.1, 0.0]
 
 
-def test_the_quick_start_defaults_learn(tmp_path):
+def test_the_quick_start_defaults_learn(tmp_path, capsys):
     # `python train.py --method irdro --tau 1.0`: every default (the built-in corpus as characters, 4 layers of
     # 128, blocks of 128, 8 x 2 samples a step, lr 2e-3 cosine), only shorter and with a smaller val set
     import prepare_data
@@ -333,6 +333,8 @@ def test_the_quick_start_defaults_learn(tmp_path):
               "--eval_interval", "50", "--eval_samples", "32")
     evals = [r["val_loss"] for r in read_jsonl(tmp_path / "o" / "log.jsonl") if r["type"] == "eval"]
     assert len(evals) == 2 and out["val_loss"] == evals[-1] <= 0.7 * evals[0]  # at least 30% lower
+    last = capsys.readouterr().out.strip().splitlines()[-1]  # the end of a run says what to do next
+    assert last.startswith(f"next: python plot.py {tmp_path / 'o'} ") and f"{tmp_path / 'o'}/hf" in last
     w = np.array([r["weight"] for r in read_jsonl(tmp_path / "o" / "weights.jsonl")])
     assert w.shape == (50, 16) and w.max() > 2 / 16 and w.min() < 0.75 / 16  # the weights do move
 
