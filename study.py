@@ -2,7 +2,7 @@
 The study: what ERM, MidRanking, IR-DRO and the follow-up weightings do in a small controlled
 continual-training experiment, and when it helps (issues 8 and 16; results and their reading in RESULTS.md).
 
-    python study.py                          # the full study: 3 seeds x 12 methods -> out/study (RESULTS.md: time)
+    python study.py                          # the full study: 3 seeds x 13 methods -> out/study (RESULTS.md: time)
     python study.py --quick --out_dir DIR    # the whole pipeline in about a minute (tiny model, few steps)
 
 The experiment, all on data vendored in assets/ (offline):
@@ -74,7 +74,8 @@ def methods(n):
     the same pool, uniformly at random, 1/k each. skip 0.25 keep 0.75 drops only the top quarter: a
     loss-based noise filter that keeps nearly all the data. The follow-up weightings (Sow et al.) take tau
     0.3: their score f(x) spans [0, 1], so the heaviest sample of a pool weighs up to exp(1/0.3) = 28 times
-    the lightest, about what IR-DRO tau 1 gives over a pool's loss range of ~3.5 nats (noise to clean)."""
+    the lightest, about what IR-DRO tau 1 gives over a pool's loss range of ~3.5 nats (noise to clean);
+    quadratic (the official code's "peaked") also at tau 1, a mild exp(1) = 2.7."""
     k = reweight.midrank_counts(n, 0.125, 0.5)[1]
     return [
         ("ERM", ["--method", "erm"]),
@@ -88,6 +89,7 @@ def methods(n):
         ("IR-DRO tau 10", ["--method", "irdro", "--tau", "10"]),
         ("linupper tau 0.3", ["--method", "linupper", "--tau", "0.3"]),
         ("quadratic tau 0.3", ["--method", "quadratic", "--tau", "0.3"]),
+        ("quadratic tau 1", ["--method", "quadratic", "--tau", "1"]),
         ("extremes tau 0.3", ["--method", "extremes", "--tau", "0.3"]),
     ]
 

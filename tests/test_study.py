@@ -22,7 +22,7 @@ ROOT = train.Path(train.__file__).parent
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One quick study (2 seeds, 12 methods, a tiny model, 10 continual steps), run as a user runs it."""
+    """One quick study (2 seeds, 13 methods, a tiny model, 10 continual steps), run as a user runs it."""
     out = tmp_path_factory.mktemp("study")
     p = subprocess.run([sys.executable, str(ROOT / "study.py"), "--quick", "--out_dir", str(out)],
                        capture_output=True, text=True, timeout=900)
@@ -37,7 +37,7 @@ def records(path):
 def test_every_run_of_every_seed_is_reported(quick):
     out, res = quick
     names = [name for name, _ in res["methods"]]
-    assert len(names) == 12 and names[0] == "ERM"
+    assert len(names) == 13 and names[0] == "ERM"
     assert {"linupper tau 0.3", "quadratic tau 0.3", "extremes tau 0.3", "random 8 of 16 (same pool)"} <= set(names)
     assert sorted(res["base"]) == sorted(res["runs"]) == ["1", "2"]
     for seed in res["runs"]:
