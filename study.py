@@ -60,7 +60,7 @@ HARD_CORPUS = REPO / "assets" / "milton.jsonl.gz"  # 67 sections of Paradise Los
 GROUPS = ("clean", "hard", "noise", "corrupt")
 CORRUPT_WORDS = 0.7  # the fraction of a corrupt document's words that are moved: tuned on a base model, RESULTS.md
 
-# Full study and --quick: the flags the user leaves out. The full study took 25.6 minutes on 2 CPU cores
+# Full study and --quick: the flags the user leaves out. The full study took 34.2 minutes on 2 shared CPU cores
 # (RESULTS.md); --quick only checks that the pipeline works (its numbers mean little).
 FULL = dict(seeds=[1, 2, 3], n_layer=2, n_head=4, n_embd=128, block_size=128, batch_size=32, base_iters=800,
             base_lr=3e-3, iters=200, lr=1e-3, eval_samples=0)
