@@ -1,23 +1,28 @@
 """
-The study: what ERM, MidRanking and IR-DRO do in a small controlled continual-training experiment, and
-when it helps (issue 8; results and their reading in RESULTS.md).
+The study: what ERM, MidRanking, IR-DRO and the follow-up weightings do in a small controlled
+continual-training experiment, and when it helps (issues 8 and 16; results and their reading in RESULTS.md).
 
-    python study.py                          # the full study: 3 seeds x 9 methods -> out/study, ~26 min on 2 cores
-    python study.py --quick --out_dir DIR    # the whole pipeline in under a minute (tiny model, few steps)
+    python study.py                          # the full study: 3 seeds x 13 methods -> out/study (RESULTS.md: time)
+    python study.py --quick --out_dir DIR    # the whole pipeline in about a minute (tiny model, few steps)
 
 The experiment, all on data vendored in assets/ (offline):
   1. data. clean = Shakespeare scenes, hard = sections of Milton's Paradise Lost (same language, another
      author, a century later, in verse: hard but learnable), noise = copies of real training documents with
-     their characters shuffled (same length and character counts, no structure: unlearnable). Some scenes
-     and some Milton sections are held out as the two validation sets; no run ever trains on them.
+     their characters shuffled (same length and character counts, no structure: unlearnable, and by far the
+     highest loss), corrupt = copies of clean scenes with a fraction of their words moved (whitespace kept:
+     wrong, but with a loss inside the hard group's range, so no loss ranking can tell it from hard data).
+     Some scenes and some Milton sections are held out as the two validation sets; no run trains on them.
   2. per seed, a base model: pretrained with ERM on the clean training scenes only (it never sees Milton).
-  3. per seed and method, continual training from that base on the mix of clean, hard and noise documents
-     (known proportions, every document's group recorded), with the same steps, lr and data order for every
-     method (the data of step k is a function of (seed, k, n) in train.py).
+  3. per seed and method, continual training from that base on the mix of the four groups (known
+     proportions, every document's group recorded), with the same steps, lr and batches for every method
+     (the data of step k is a function of (seed, k, n) in train.py); the random control draws its half from
+     the same batches.
   4. per run: the final model's val loss on both held-out sets, and from weights.jsonl the share of the
-     total weight that the method put on clean, hard and noise samples.
+     total weight that the method put on each group.
   5. out_dir/results.json (every number, per seed), results.md (the tables), study.png (the figure).
-The peaked / "linupper" weightings of METHOD.md are not in reweight.py, so they are not compared.
+The methods: the paper's (ERM, MidRanking, IR-DRO, reweight.py) and the follow-up ones of Sow et al.
+(linupper, quadratic = the official code's "peaked", extremes; and the exact random control,
+reweight_followup.py).
 
 Tokens are characters, not GPT-2 BPE: the 50k-way softmax of GPT-2's vocabulary is most of a training step
 on a CPU (README, Results), while a 77-symbol vocabulary lets a 0.4M-parameter model learn real structure
@@ -32,6 +37,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import sys
 import time
@@ -51,9 +57,10 @@ import train
 REPO = Path(__file__).parent
 CLEAN_CORPUS = prepare_data.EMBEDDED_CORPUS  # 156 Shakespeare scenes
 HARD_CORPUS = REPO / "assets" / "milton.jsonl.gz"  # 67 sections of Paradise Lost
-GROUPS = ("clean", "hard", "noise")
+GROUPS = ("clean", "hard", "noise", "corrupt")
+CORRUPT_WORDS = 0.7  # the fraction of a corrupt document's words that are moved: tuned on a base model, RESULTS.md
 
-# Full study and --quick: the flags the user leaves out. The full study took 25.6 minutes on 2 CPU cores
+# Full study and --quick: the flags the user leaves out. The full study took 34.2 minutes on 2 shared CPU cores
 # (RESULTS.md); --quick only checks that the pipeline works (its numbers mean little).
 FULL = dict(seeds=[1, 2, 3], n_layer=2, n_head=4, n_embd=128, block_size=128, batch_size=32, base_iters=800,
             base_lr=3e-3, iters=200, lr=1e-3, eval_samples=0)
@@ -62,16 +69,17 @@ QUICK = dict(seeds=[1, 2], n_layer=1, n_head=2, n_embd=32, block_size=32, batch_
 
 
 def methods(n):
-    """The compared runs: (name, train.py flags). n is the effective batch. MidRanking keeping half of it
-    (k = n/2) is compared with a random control, ERM on a batch of k samples: each step's samples are
-    consecutive positions of a seeded permutation, so they are a uniformly random k-subset, and the step
-    back-propagates k samples, as MidRanking's do. (Not the *same* batches as the n-sample runs: that would
-    need a change in train.py.) skip 0.25 keep 0.75 drops only the top quarter: a loss-based noise filter
-    that keeps nearly all the data."""
+    """The compared runs: (name, train.py flags), every one on the same n-sample batches (n: the effective
+    batch). MidRanking keeping half of it (k = n/2) is compared with the exact random control: k samples of
+    the same pool, uniformly at random, 1/k each. skip 0.25 keep 0.75 drops only the top quarter: a
+    loss-based noise filter that keeps nearly all the data. The follow-up weightings (Sow et al.) take tau
+    0.3: their score f(x) spans [0, 1], so the heaviest sample of a pool weighs up to exp(1/0.3) = 28 times
+    the lightest, about what IR-DRO tau 1 gives over a pool's loss range of ~3.5 nats (noise to clean);
+    quadratic (the official code's "peaked") also at tau 1, a mild exp(1) = 2.7."""
     k = reweight.midrank_counts(n, 0.125, 0.5)[1]
     return [
         ("ERM", ["--method", "erm"]),
-        (f"random {k} of {n} (ERM, batch {k})", ["--method", "erm", "--batch_size", str(k)]),
+        (f"random {k} of {n} (same pool)", ["--method", "random", "--keep", "0.5"]),
         ("hardest half (skip 0, keep 0.5)", ["--method", "midrank", "--skip", "0", "--keep", "0.5"]),
         ("MidRanking skip 0.125 keep 0.5", ["--method", "midrank", "--skip", "0.125", "--keep", "0.5"]),
         ("MidRanking skip 0.25 keep 0.5", ["--method", "midrank", "--skip", "0.25", "--keep", "0.5"]),
@@ -79,6 +87,10 @@ def methods(n):
         ("IR-DRO tau 1", ["--method", "irdro", "--tau", "1"]),
         ("IR-DRO tau 3", ["--method", "irdro", "--tau", "3"]),
         ("IR-DRO tau 10", ["--method", "irdro", "--tau", "10"]),
+        ("linupper tau 0.3", ["--method", "linupper", "--tau", "0.3"]),
+        ("quadratic tau 0.3", ["--method", "quadratic", "--tau", "0.3"]),
+        ("quadratic tau 1", ["--method", "quadratic", "--tau", "1"]),
+        ("extremes tau 0.3", ["--method", "extremes", "--tau", "0.3"]),
     ]
 
 
@@ -88,8 +100,10 @@ def get_args(argv=None):
     a("--out_dir", default="out/study", help="data, runs, results.json, results.md and study.png go here")
     a("--quick", action="store_true", help="a tiny model and a few steps: checks the pipeline in about a minute")
     a("--seeds", type=int, nargs="+", help=f"seeds: base model init and data order (default {FULL['seeds']})")
-    a("--mix", type=float, nargs=3, default=[0.5, 0.3, 0.2], metavar=("CLEAN", "HARD", "NOISE"),
+    a("--mix", type=float, nargs=4, default=[0.4, 0.3, 0.15, 0.15], metavar=("CLEAN", "HARD", "NOISE", "CORRUPT"),
       help="shares of the continual-training documents; hard = all Milton sections not held out")
+    a("--corrupt_words", type=float, default=CORRUPT_WORDS, metavar="FRACTION",
+      help="corrupt documents: the fraction of a clean scene's words that trade places")
     a("--jobs", type=int, default=2, help="runs at a time, each in its own process")
     a("--threads", type=int, default=1, help="torch threads per process")
     a("--device", default="cpu", help="torch device of every run")
@@ -107,7 +121,9 @@ def get_args(argv=None):
         if getattr(args, flag) is None:
             setattr(args, flag, value)
     if not all(x >= 0 for x in args.mix) or not args.mix[0] > 0 or not args.mix[1] > 0:
-        p.error(f"--mix needs clean and hard shares > 0 and noise >= 0, got {args.mix}")
+        p.error(f"--mix needs clean and hard shares > 0, noise and corrupt >= 0, got {args.mix}")
+    if not 0 < args.corrupt_words <= 1:
+        p.error(f"--corrupt_words must be in (0, 1], got {args.corrupt_words}")
     if args.jobs < 1 or args.threads < 1:
         p.error(f"--jobs and --threads must be >= 1, got {args.jobs} and {args.threads}")
     return args
@@ -136,7 +152,22 @@ def shuffled(text, rng):
     return "".join(chars)
 
 
-def prepare(out_dir, mix, seed=1337):
+def corrupted(text, fraction, rng):
+    """Corrupt: round(fraction * #words) of the document's words (runs of non-whitespace, punctuation
+    included) trade places at random; every space and line break stays where it was, every word is spelt
+    right. The text stays real words in real line shapes, only their order is partly wrong, so its loss is
+    only moderately raised: tuned (CORRUPT_WORDS) to sit among the hard group's losses."""
+    parts = re.split(r"(\s+)", text)  # words at the even positions, the whitespace between them at the odd
+    words = [i for i in range(0, len(parts), 2) if parts[i]]
+    chosen = rng.sample(words, round(fraction * len(words)))
+    moved = [parts[i] for i in chosen]
+    rng.shuffle(moved)
+    for i, word in zip(chosen, moved):
+        parts[i] = word
+    return "".join(parts)
+
+
+def prepare(out_dir, mix, corrupt_words=CORRUPT_WORDS, seed=1337):
     """The three data folders: clean/ (the base model's training scenes; val = held-out scenes), hard/ (val =
     held-out Milton sections) and mix/ (continual training; mix/groups.json: the group of every document id
     in its weights.jsonl). The hold-outs are prepare_data's own seeded document splits, the same for every
@@ -151,7 +182,7 @@ def prepare(out_dir, mix, seed=1337):
     rng = random.Random(seed)
     hard_ids = np.load(hard / "train_docs.npz")["ids"].tolist()
     clean_ids = np.load(clean / "train_docs.npz")["ids"].tolist()
-    n_clean, n_noise = (round(len(hard_ids) * share / mix[1]) for share in (mix[0], mix[2]))
+    n_clean, n_noise, n_corrupt = (round(len(hard_ids) * share / mix[1]) for share in (mix[0], mix[2], mix[3]))
     if n_clean > len(clean_ids):
         raise ValueError(f"--mix asks for {n_clean} clean scenes but only {len(clean_ids)} are not held out")
     docs = ([("clean", clean_src[i]) for i in sorted(rng.sample(clean_ids, n_clean))]
@@ -159,6 +190,10 @@ def prepare(out_dir, mix, seed=1337):
     sources = [r for _, r in docs]  # noise: shuffled copies of real training documents, clean or hard
     docs += [("noise", dict(text=shuffled(r["text"], rng), title=r["title"] + " (shuffled)"))
              for r in rng.choices(sources, k=n_noise)]
+    # corrupt: clean training scenes (any, the base model's own) with a fraction of their words moved
+    docs += [("corrupt", dict(text=corrupted(clean_src[i]["text"], corrupt_words, rng),
+                              title=clean_src[i]["title"] + " (words shuffled)"))
+             for i in rng.choices(clean_ids, k=n_corrupt)]
     data.mkdir(parents=True, exist_ok=True)
     with open(data / "mix.jsonl", "w") as f:
         f.writelines(json.dumps(dict(text=r["text"], title=f"{group}: {r['title']}")) + "\n" for group, r in docs)
@@ -266,7 +301,8 @@ def run_all(args, bases, runs):
             else:
                 run_res[seed][name] = res
             print(f"seed {seed} {name or 'base'}: val clean {res['val_clean']:.4f} hard {res['val_hard']:.4f}"
-                  + (f" | weight on noise {res['share']['noise']:.3f}" if "share" in res else "")
+                  + (f" | weight on noise {res['share']['noise']:.3f} corrupt {res['share']['corrupt']:.3f}"
+                     if "share" in res else "")
                   + f" | {res['seconds']:.0f} s", flush=True)
     return base_res, run_res
 
@@ -313,17 +349,18 @@ def write_table(rows, results, path):
          "sections; Δ: paired difference to ERM (same seed), negative is better. Weight: share of all the weight a "
          f"method gave over all its steps. Mean ± std over {len(seeds)} seeds ({', '.join(map(str, a['seeds']))})."),
         "",
-        "| method | val loss clean | Δ clean vs ERM | val loss hard | Δ hard vs ERM | weight on clean | on hard | on noise |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | val loss clean | Δ clean vs ERM | val loss hard | Δ hard vs ERM | weight on clean | on hard | on noise "
+        "| on corrupt |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        shares = [pm(r["share"][g], 2) for g in GROUPS] if "share" in r else ["—"] * 3
+        shares = [pm(r["share"][g], 2) for g in GROUPS] if "share" in r else ["—"] * len(GROUPS)
         lines.append(f"| {r['method']} | {pm(r['val_clean'])} | {pm(r['delta_val_clean'], sign=True)} | "
                      f"{pm(r['val_hard'])} | {pm(r['delta_val_hard'], sign=True)} | " + " | ".join(shares) + " |")
     lines += ["", ("Samples seen in continual training (ERM's weight shares, by construction): "
                    + ", ".join(f"{g} {seen[g][0]:.1%}" for g in GROUPS) + "."), "",
               "Mean per-sample training loss of each group over all steps (from weights.jsonl; mean over seeds):", "",
-              "| method | clean | hard | noise |", "|---|---|---|---|"]
+              "| method | " + " | ".join(GROUPS) + " |", "|---|" + "---|" * len(GROUPS)]
     for name, _ in results["methods"]:
         loss = [[results["runs"][s][name]["group_loss"][g] for s in seeds] for g in GROUPS]
         lines.append(f"| {name} | " + " | ".join("—" if None in x else f"{np.mean(x):.3f}" for x in loss) + " |")
@@ -353,7 +390,7 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.42 * len(rows) + 1.8), sharey=True,
                              gridspec_kw=dict(width_ratios=[1.2, 1, 1]))
     left = np.zeros(len(rows))
-    for g, color in zip(GROUPS, ("C0", "C2", "C3")):
+    for g, color in zip(GROUPS, ("C0", "C2", "C3", "C4")):
         share = np.array([r["share"][g][0] if "share" in r else 0 for r in rows])
         axes[0].barh(y, share, left=left, color=color, label=g)
         for yi, s, x in zip(y, share, left):
@@ -365,7 +402,7 @@ def plot(rows, path):
             axes[0].text(0.01, yi, "no continual training", va="center", fontsize=8, color="grey")
     axes[0].set_xlim(0, 1)
     axes[0].set_title("share of total weight (mean over seeds)", fontsize=10)
-    axes[0].legend(ncol=3, fontsize=8, loc="lower right", bbox_to_anchor=(1, 1.06))
+    axes[0].legend(ncol=len(GROUPS), fontsize=8, loc="lower right", bbox_to_anchor=(1, 1.06))
     axes[0].set_yticks(y, names, fontsize=9)
     erm = next(r for r in rows if r["method"] == "ERM")
     for ax, key, title in ((axes[1], "val_clean", "held-out clean (Shakespeare)"),
@@ -401,7 +438,7 @@ def main(argv=None):
     t0 = time.time()
     out = Path(args.out_dir)
     try:
-        clean, hard, mixed = prepare(out, args.mix)
+        clean, hard, mixed = prepare(out, args.mix, args.corrupt_words)
     except ValueError as e:  # prepare_data's DataError included
         print(f"study.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,6 +1,8 @@
 """study.py: `python study.py --quick` runs the whole pipeline, and its numbers are what they claim to be."""
 
 import json
+import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -20,7 +22,7 @@ ROOT = train.Path(train.__file__).parent
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One quick study (2 seeds, 9 methods, a tiny model, 10 continual steps), run as a user runs it."""
+    """One quick study (2 seeds, 13 methods, a tiny model, 10 continual steps), run as a user runs it."""
     out = tmp_path_factory.mktemp("study")
     p = subprocess.run([sys.executable, str(ROOT / "study.py"), "--quick", "--out_dir", str(out)],
                        capture_output=True, text=True, timeout=900)
@@ -35,7 +37,8 @@ def records(path):
 def test_every_run_of_every_seed_is_reported(quick):
     out, res = quick
     names = [name for name, _ in res["methods"]]
-    assert len(names) == 9 and names[0] == "ERM"
+    assert len(names) == 13 and names[0] == "ERM"
+    assert {"linupper tau 0.3", "quadratic tau 0.3", "extremes tau 0.3", "random 8 of 16 (same pool)"} <= set(names)
     assert sorted(res["base"]) == sorted(res["runs"]) == ["1", "2"]
     for seed in res["runs"]:
         assert sorted(res["runs"][seed]) == sorted(names)
@@ -46,6 +49,7 @@ def test_every_run_of_every_seed_is_reported(quick):
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in names + ["base model (no continual training)"])
     assert "wall time" in table and "python study.py --quick" in table
+    assert "| on noise | on corrupt |" in table and "| clean | hard | noise | corrupt |" in table
 
 
 def group_of(out):
@@ -58,6 +62,7 @@ def test_weight_shares_are_recounted_from_weights_jsonl(quick):
     out, res = quick
     groups = group_of(out)
     assert json.loads((out / "data" / "mix" / "groups.json").read_text()) == groups
+    assert set(groups) == {"clean", "hard", "noise", "corrupt"} == set(study.GROUPS)
     for seed, runs in res["runs"].items():
         for name, r in runs.items():
             weight, seen = Counter(), Counter()
@@ -67,7 +72,7 @@ def test_weight_shares_are_recounted_from_weights_jsonl(quick):
                     weight[groups[d]] += w
                     seen[groups[d]] += 1
             total_w, total_n = sum(weight.values()), sum(seen.values())
-            assert sum(r["share"].values()) == pytest.approx(1)
+            assert sum(r["share"].values()) == pytest.approx(1) and len(r["share"]) == 4
             for g in study.GROUPS:
                 assert r["share"][g] == pytest.approx(weight[g] / total_w)
                 assert r["seen"][g] == pytest.approx(seen[g] / total_n)
@@ -89,17 +94,30 @@ def test_noise_is_the_hardest_group_and_hard_sample_methods_weight_it_more(quick
 
 
 def test_same_data_order_for_every_method_of_a_seed(quick):
-    """The n-sample runs see identical batches at every step; the random control sees n/2 samples a step."""
+    """Every run, the random control included, sees identical batches of n samples at every step."""
     out, res = quick
     n = res["args"]["batch_size"]
     for seed in res["runs"]:
         docs = {name: [r["doc"] for r in records(out / f"seed{seed}" / d / "weights.jsonl")]
                 for name, d in res["run_dirs"].items()}
-        control = next(name for name in docs if name.startswith("random"))
-        assert all(len(step) == n // 2 for step in docs.pop(control))
         assert all(d == docs["ERM"] for d in docs.values()) and len(docs["ERM"][0]) == n
     erm = res["run_dirs"]["ERM"]  # and the seed changes the order
     assert records(out / "seed1" / erm / "weights.jsonl")[0]["doc"] != records(out / "seed2" / erm / "weights.jsonl")[0]["doc"]
+
+
+def test_random_control_keeps_half_of_each_pool_regardless_of_loss(quick):
+    """n/2 samples of each step's pool at 1/(n/2) each, the rest 0; which ones does not follow the loss: about
+    half of the kept ones are in the pool's top half by loss (MidRanking's are chosen by rank)."""
+    out, res = quick
+    k = res["args"]["batch_size"] // 2
+    for seed in res["runs"]:
+        top = kept = 0
+        for rec in records(out / f"seed{seed}" / res["run_dirs"]["random 8 of 16 (same pool)"] / "weights.jsonl"):
+            w, loss = np.array(rec["weight"]), np.array(rec["loss"])
+            assert sorted(w) == pytest.approx([0.0] * (len(w) - k) + [1 / k] * k)
+            top += (loss[w > 0] >= np.median(loss)).sum()
+            kept += k
+        assert 0.25 < top / kept < 0.75
 
 
 def test_held_out_documents_are_never_trained_on(quick):
@@ -110,7 +128,8 @@ def test_held_out_documents_are_never_trained_on(quick):
         every = json.loads((data / name / "titles.json").read_text())
         return {every[i] for i in np.load(data / name / f"{split}_docs.npz")["ids"]}
 
-    mix = {t.split(": ", 1)[1].removesuffix(" (shuffled)") for t in titles("mix", "train") | titles("mix", "val")}
+    mix = {re.sub(r" \((words )?shuffled\)$", "", t.split(": ", 1)[1])  # the source of a noise or corrupt copy
+           for t in titles("mix", "train") | titles("mix", "val")}
     assert not mix & titles("clean", "val") and not mix & titles("hard", "val")
     assert mix >= titles("hard", "train")  # every Milton training section is in the mix
     # the base model trained on clean scenes only
@@ -122,10 +141,39 @@ def test_noise_documents_are_shuffled_real_documents(quick):
     docs = [json.loads(line) for line in (out / "data" / "mix.jsonl").read_text().splitlines()]
     real = {r["title"].split(": ", 1)[1]: r["text"] for r in docs if not r["title"].startswith("noise")}
     noise = [r for r in docs if r["title"].startswith("noise")]
-    assert len(noise) == round(sum(r["title"].startswith("hard") for r in docs) * 0.2 / 0.3)  # --mix 0.5 0.3 0.2
+    assert len(noise) == round(sum(r["title"].startswith("hard") for r in docs) * 0.15 / 0.3)  # --mix .4 .3 .15 .15
     for r in noise:
         source = real[r["title"].split(": ", 1)[1].removesuffix(" (shuffled)")]
         assert sorted(r["text"]) == sorted(source) and r["text"] != source
+
+
+def test_corrupt_documents_are_clean_scenes_with_a_fraction_of_their_words_moved(quick):
+    out, res = quick
+    docs = [json.loads(line) for line in (out / "data" / "mix.jsonl").read_text().splitlines()]
+    scenes = {r["title"]: r["text"] for r in study.prepare_data.read_jsonl_gz(study.CLEAN_CORPUS)}
+    clean_val = set(json.loads((out / "data" / "clean" / "titles.json").read_text())[i]
+                    for i in np.load(out / "data" / "clean" / "val_docs.npz")["ids"])
+    corrupt = [r for r in docs if r["title"].startswith("corrupt: ")]
+    assert len(corrupt) == round(sum(r["title"].startswith("hard") for r in docs) * 0.15 / 0.3)
+    fraction = res["args"]["corrupt_words"]
+    for r in corrupt:
+        title = r["title"].removeprefix("corrupt: ").removesuffix(" (words shuffled)")
+        assert title in scenes and title not in clean_val  # a clean training scene
+        source = scenes[title]
+        assert re.findall(r"\s+", r["text"]) == re.findall(r"\s+", source)  # every space and line break kept
+        words, original = r["text"].split(), source.split()
+        assert sorted(words) == sorted(original)  # the same words, spelt right
+        moved = sum(a != b for a, b in zip(words, original))
+        assert 0.8 * fraction * len(original) < moved <= round(fraction * len(original))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_corrupted_moves_that_fraction_of_the_words(fraction):
+    text = "  ".join(f"w{i}\n" for i in range(40)) + "end"  # distinct words: a moved word is a changed position
+    out = study.corrupted(text, fraction, random.Random(0))
+    assert re.findall(r"\s+", out) == re.findall(r"\s+", text) and sorted(out.split()) == sorted(text.split())
+    moved = sum(a != b for a, b in zip(out.split(), text.split()))
+    assert round(0.7 * fraction * 41) <= moved <= round(fraction * 41)
 
 
 def test_base_row_is_the_base_checkpoint_evaluated_directly(quick):
@@ -159,8 +207,25 @@ def test_figure_is_a_real_image(quick):
     assert_real_image(out / "study.png")
 
 
-def test_bad_mix_is_one_line_and_exit_code_2(tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "study.py"), "--quick", "--mix", "0", "0.5", "0.5",
-                        "--out_dir", str(tmp_path)], capture_output=True, text=True)
-    assert p.returncode == 2 and "--mix" in p.stderr and not list(tmp_path.iterdir())
+@pytest.mark.parametrize("flags", [["--mix", "0", "0.5", "0.25", "0.25"], ["--mix", "0.5", "0.3", "-0.1", "0.3"],
+                                   ["--mix", "0.5", "0.3", "0.2"],
+                                   ["--corrupt_words", "0"], ["--corrupt_words", "1.5"]])
+def test_bad_mix_is_one_line_and_exit_code_2(tmp_path, flags):
+    p = subprocess.run([sys.executable, str(ROOT / "study.py"), "--quick", *flags, "--out_dir", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and flags[0] in p.stderr and not list(tmp_path.iterdir())
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_mix_asking_for_more_clean_scenes_than_there_are_is_one_line_and_exit_code_2(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "study.py"), "--quick", "--mix", "0.9", "0.1", "0", "0",
+                        "--out_dir", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 2 and "--mix asks for 450 clean scenes" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_mix_of_four_shares_sets_the_group_sizes(tmp_path):
+    """--mix CLEAN HARD NOISE CORRUPT: each group's count of documents is hard's times its share / hard's."""
+    clean, hard, mixed = study.prepare(tmp_path, [0.6, 0.3, 0.0, 0.3], 0.5)
+    groups = Counter(json.loads((mixed / "groups.json").read_text()))
+    assert groups["noise"] == 0 and groups["corrupt"] == groups["hard"] == 50 and groups["clean"] == 100
