@@ -175,6 +175,23 @@ def check(args, size, distributed):
             raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb") from None
 
 
+def check_data(args, train_data, val_data, data_dir, size):
+    """Flag values against the data (train.load_split's tables of samples). `size`: the number of processes."""
+    n, n_train = args.batch_size * args.grad_accum * size, len(train_data["start"])
+    if n_train == 0:
+        raise ValueError(f"no training samples in {data_dir}: its train split is empty; prepare more documents")
+    if n > n_train:
+        raise ValueError(f"effective batch of {n} samples exceeds the {n_train} training samples: "
+                         f"lower --batch_size or --grad_accum" + (" (or use fewer processes)" if size > 1 else ""))
+    if len(val_data["start"]) == 0:
+        raise ValueError(f"no validation samples in {data_dir}: re-run prepare_data.py with a larger --val_fraction")
+    longest = int((train_data["end"] - train_data["start"]).max()) - 1  # targets of the longest training sample
+    if args.init_from == "scratch" and not args.pretrained and args.block_size > max(longest, 128):
+        # a new model's positions and every batch are --block_size long: far beyond the data, only memory and time
+        raise ValueError(f"--block_size {args.block_size} is longer than the longest training sample of {data_dir} "
+                         f"({longest} tokens): every sample would be padded to it; use --block_size {max(longest, 128)}")
+
+
 def claim_out_dir(args):
     """--out_dir can be written (made if missing) and is this run's (runtime.claim_out_dir; under torchrun
     rank 0 claims it for all): checked last, once every other input is known good."""

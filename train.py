@@ -40,7 +40,10 @@ def load_split(data_dir, split, block_size):
     Instruction data (prepare_data.py --format instruct): one example is one sample, never chunked, so each
     must fit block_size; its mask (1 = target) keeps the prompt out of the loss."""
     meta = json.loads((data_dir / "meta.json").read_text())
-    tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
+    path = data_dir / f"{split}.bin"
+    if path.stat().st_size % np.dtype(meta["dtype"]).itemsize:  # cut short: numpy's error would not say which file
+        raise ValueError(f"{path} is not a whole number of {meta['dtype']} tokens (cut short?): prepare the data again")
+    tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
     docs = np.load(data_dir / f"{split}_docs.npz")
     offsets, ids = docs["offsets"], docs["ids"]
     n_targets = np.maximum(np.diff(offsets) - 1, 0)
@@ -234,18 +237,10 @@ def replayed(model, batches, method, hparams, ctx, backward):
 def setup(args, size=1, distributed=False):
     """-> (train data, val data, model, checkpoint or None); `size` processes, started by torchrun if `distributed`."""
     cli.check(args, size, distributed)
-    n = args.batch_size * args.grad_accum * size
     data_dir = prepare_data.ensure_prepared(Path(args.data), size)
     train_data = load_split(data_dir, "train", args.block_size)
     val_data = load_split(data_dir, "val", args.block_size)
-    n_train = len(train_data["start"])
-    if n_train == 0:
-        raise ValueError(f"no training samples in {data_dir}: its train split is empty; prepare more documents")
-    if n > n_train:
-        raise ValueError(f"effective batch of {n} samples exceeds the {n_train} training samples: "
-                         f"lower --batch_size or --grad_accum" + (" (or use fewer processes)" if size > 1 else ""))
-    if len(val_data["start"]) == 0:
-        raise ValueError(f"no validation samples in {data_dir}: re-run prepare_data.py with a larger --val_fraction")
+    cli.check_data(args, train_data, val_data, data_dir, size)
     model, ckpt = build_model(args, train_data["meta"], data_dir)
     cli.claim_out_dir(args)
     return train_data, val_data, model, ckpt

@@ -373,6 +373,7 @@ def test_continue_from_an_earlier_run(tiny_flags, tmp_path):
     (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
     (["--device", "gpu"], "'gpu' is not a device"),
     (["--overwrite", "--init_from", "resume"], "pass one"),
+    (["--block_size", "100000"], "is longer than the longest training sample"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(flags, message, tiny_flags, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_flags, "--out_dir", str(tmp_path / "o"),
@@ -613,6 +614,11 @@ def test_more_bad_input(tiny_flags, tiny_data, tmp_path):
     shutil.copytree(tiny_data, empty)
     np.savez(empty / "train_docs.npz", offsets=np.zeros(1, dtype=np.int64), ids=np.zeros(0, dtype=np.int64))
     assert "no training samples" in bad_run(tiny_flags, tmp_path, "--data", str(empty))
+    short = tmp_path / "short"  # a train.bin cut one byte short: the file is named, not numpy's message
+    shutil.copytree(tiny_data, short)
+    (short / "train.bin").write_bytes((tiny_data / "train.bin").read_bytes()[:-1])
+    assert f"{short / 'train.bin'} is not a whole number of uint16 tokens" in bad_run(tiny_flags, tmp_path,
+                                                                                      "--data", str(short))
     run(tiny_flags, tmp_path, "b32", "--max_iters", "1")  # a longer context than the checkpoint's positions
     assert "exceeds the model's 32 positions" in bad_run(tiny_flags, tmp_path, "--init_from", str(tmp_path / "b32"),
                                                          "--block_size", "64")
