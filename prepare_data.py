@@ -124,7 +124,7 @@ def load_tokenizer(name_or_dir="gpt2"):
         return DocTokenizer("gpt2", "gpt2", enc.n_vocab, enc.eot_token, enc.eot_token, enc.encode_ordinary_batch,
                             enc.decode, source="gpt2")
     hf, config = auto_tokenizer(str(name_or_dir))
-    path = Path(CHAR_TOKENIZER if name_or_dir == "char" else name_or_dir).expanduser()
+    path = Path(hf.name_or_path)  # the folder auto_tokenizer read ("char": assets/char), or a hub name
     name = path.resolve().name if path.is_dir() else str(name_or_dir)
     source = "char" if name_or_dir == "char" else str(path.resolve()) if path.is_dir() else str(name_or_dir)
     plain, full = hf("a", add_special_tokens=False)["input_ids"], hf("a")["input_ids"]
