@@ -5,6 +5,7 @@ model, data and effective batch (with gradient accumulation), and their ratios t
     python bench.py                          # defaults: train.py's default model and batch
     python bench.py --batch_size 8 --grad_accum 4 --steps 20
     python bench.py --vs-hf                  # our training step vs transformers' on OPT / LLaMA shapes
+    python bench.py --vs-nanogpt ../nanoGPT  # nanoGPT's CPU quick start vs our default run, back to back
 
 Methods are interleaved step by step (mean, erm, midrank, irdro, mean, ...) so that a slow moment of the
 machine hits all of them alike; the median step time of each is reported. "mean" is the plain step with no
@@ -14,11 +15,20 @@ weights at all (loss.mean() of each micro-batch, backward): the floor that the m
 on the same random OPT-125m-shaped and LLaMA-shaped checkpoints and inputs. Each side runs in a fresh
 process that loads the checkpoint from disk, so that its peak memory (max RSS on CPU, max allocated on
 CUDA) is its own.
+
+--vs-nanogpt DIR runs, in a clone of https://github.com/karpathy/nanoGPT, the CPU quick start of its README
+(train_shakespeare_char at 4 layers of 128, block 64, batch 12, 2000 iterations, dropout 0, no compile) on our
+built-in corpus as characters (the tokens of data/shakespeare-char, written beside its own data as
+data/shakespeare_char_ours), then our default `python train.py --method irdro --tau 1.0`: the wall clock of
+each whole process (imports included) and the val losses each printed.
 """
 
 import argparse
 import json
+import pickle
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,13 +50,17 @@ from model import GPT
 
 def main():
     p = cli.build_parser(__doc__)  # the model, data and method flags of train.py, same defaults
-    p.add_argument("--methods", nargs="+", default=["erm", "midrank", "irdro"], choices=reweight.METHODS,
-                   help="methods to time, beside the plain mean step and erm (the ratios are to erm)")
+    p.add_argument("--methods", nargs="+", default=["erm", "midrank", "irdro"],
+                   choices=reweight.METHODS + ("midrank-plain",), help="methods to time, beside the plain mean step "
+                   "and erm (the ratios are to erm); midrank-plain: MidRanking with train.SAMPLE_GRAPHS off")
     p.add_argument("--steps", type=int, default=10, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     p.add_argument("--vs-hf", dest="vs_hf", action="store_true", help="ours vs transformers, see above")
     p.add_argument("--vs-hf-worker", dest="worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--vs-nanogpt", dest="nanogpt", default=None, metavar="DIR", help="a nanoGPT clone, see above")
     args = cli.get_args(parser=p)
+    if args.nanogpt:
+        return vs_nanogpt(Path(args.nanogpt))
     if args.worker:
         return vs_hf_worker(args)
     if args.vs_hf:
@@ -81,8 +95,10 @@ def main():
         t0 = time.perf_counter()
         if method == "mean":
             losses = plain_mean(batches)
-        else:
-            losses, w = train.forward_backward(model, batches, method, cli.method_hparams(args), ctx)
+        else:  # midrank-plain: MidRanking scored with no graph at all (as under torchrun)
+            train.SAMPLE_GRAPHS = method != "midrank-plain"
+            losses, w = train.forward_backward(model, batches, method.removesuffix("-plain"),
+                                               cli.method_hparams(args), ctx)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.cpu()
@@ -110,8 +126,48 @@ def main():
     for m in methods:
         t = statistics.median(times[m])
         mem = f" | peak {peak[m] / 2**20:.0f} MiB" if m in peak else ""
-        print(f"{m:8s} {t * 1000:8.1f} ms/step | {n * args.block_size / t / 1e3:7.1f}k tok/s | "
+        print(f"{m:13s} {t * 1000:8.1f} ms/step | {n * args.block_size / t / 1e3:7.1f}k tok/s | "
               f"{t / erm:.3f}x erm{mem}")
+
+
+# --- ours vs nanoGPT ----------------------------------------------------------
+
+NANOGPT_QUICK_START = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                       "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+                       "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]  # its README's
+
+
+def vs_nanogpt(clone, ours_flags=("--method", "irdro", "--tau", "1.0")):
+    """Wall clock and val losses of nanoGPT's CPU quick start in `clone` and of our run, back to back."""
+    if not (clone / "train.py").is_file() or not (clone / NANOGPT_QUICK_START[0]).is_file():
+        print(f"bench.py: error: {clone} is not a nanoGPT clone (no train.py, {NANOGPT_QUICK_START[0]}): "
+              "git clone https://github.com/karpathy/nanoGPT", file=sys.stderr)
+        sys.exit(2)
+    ours = prepare_data.ensure_prepared(prepare_data.DEFAULT_DATA_DIR)
+    data = clone / "data" / "shakespeare_char_ours"  # beside nanoGPT's own shakespeare_char, which stays as it is
+    data.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):  # nanoGPT reads uint16 token ids and, from meta.pkl, the vocabulary size
+        shutil.copyfile(ours / f"{split}.bin", data / f"{split}.bin")
+    with open(data / "meta.pkl", "wb") as f:
+        pickle.dump(dict(vocab_size=json.loads((ours / "meta.json").read_text())["vocab_size"]), f)
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cmd, cwd, evals in (
+                ("nanoGPT", NANOGPT_QUICK_START + ["--dataset=shakespeare_char_ours", f"--out_dir={tmp}/nanogpt"],
+                 clone, r"step (\d+): train loss \S+, val loss ([\d.]+)"),
+                ("ours", list(ours_flags) + ["--out_dir", f"{tmp}/ours"], Path(__file__).parent,
+                 r"==> step (\d+): val loss ([\d.]+)")):
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "train.py"] + cmd, cwd=cwd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if res.returncode:
+                sys.exit(f"bench.py: {name} failed (exit {res.returncode}): {res.stderr.strip()[-500:]}")
+            runs[name] = wall, [(int(s), float(v)) for s, v in re.findall(evals, res.stdout)]
+    for name, (wall, evals) in runs.items():
+        (s0, v0), (s1, v1) = evals[0], evals[-1]
+        print(f"{name:8s} {wall:6.1f} s | val loss {v0:.3f} at step {s0} -> {v1:.3f} at step {s1} "
+              f"({1 - v1 / v0:.0%} lower) | {wall / runs['nanoGPT'][0]:.2f}x nanoGPT's time")
+    return runs
 
 
 # --- ours vs transformers ------------------------------------------------------

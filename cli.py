@@ -1,6 +1,9 @@
 """
 train.py's command line: its flags, the defaults that depend on the kind of run (from scratch or
 --pretrained), and the checks on their values that need no data. Bad input is one line and exit code 2.
+
+Importing this file loads no torch (seconds): train.py parses its flags first, so --help and a mistyped flag
+answer at once. The checks that need torch import it (and reweight, runtime, model) where they run.
 """
 
 import argparse
@@ -8,12 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-import model
-import prepare_data
-import reweight
-import runtime
+import prepare_data  # numpy only
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,26 +45,31 @@ def by_mode(flag):
 
 def build_parser(description="Train a GPT with per-sample losses reweighted by ERM, MidRanking or IR-DRO."):
     p = Parser(description=description.split("\n\n")[0], formatter_class=HelpFormatter)
-    a = p.add_argument
-    # reweighting
-    a("--method", default="irdro", choices=reweight.METHODS, help="how per-sample losses are weighted")
-    a("--tau", type=float, default=1.0,
-      help="IR-DRO temperature: w = softmax(loss / tau); smaller = more weight on the hardest samples")
-    a("--skip", type=float, default=None, help="MidRanking: fraction of highest-loss samples skipped, "
-      "floor(skip * n) (default: 0.125, unless --frac/--portion)")
-    a("--keep", type=float, default=None, help="MidRanking: fraction kept after the skipped ones, floor(keep * n) "
-      "(default: 0.5, unless --frac/--portion)")
+    a = p.add_argument_group("method: how the n per-sample losses of a step become the weights w_i (reweight.py)",
+                             "Each method reads only the flags it names; the others are ignored.").add_argument
+    a("--method", default="irdro", metavar="NAME", help="erm: w_i = 1/n. midrank: drop the highest losses, "
+      "w_i = 1/k on the next k, 0 on the rest (--skip/--keep or --frac/--portion). irdro: w = softmax(loss / tau) "
+      "(--tau). Beyond the paper (reweight_followup.py): linupper, quadratic, extremes (--tau), random (--keep)")
+    a("--tau", type=float, default=1.0, help="IR-DRO's temperature, w = softmax(loss / tau): smaller = more weight "
+      "on the hardest samples (tau -> 0: all on the largest loss), larger = closer to ERM's 1/n")
+    a("--skip", type=float, default=None, help="MidRanking: the fraction of highest-loss samples skipped as likely "
+      "noise, floor(skip * n); larger = further from the hardest (default: 0.125, unless --frac/--portion)")
+    a("--keep", type=float, default=None, help="MidRanking: the fraction trained on after the skipped ones, "
+      "k = floor(keep * n), 1/k each; the rest weigh 0. The official --frac f --portion p is --skip p*f --keep f "
+      "(up to rounding; give --frac/--portion for the official rule exactly) (default: 0.5, unless --frac/--portion)")
     a("--frac", type=float, default=None, help="MidRanking as the official code sets it, exactly: c = int(frac * n) "
       "samples are kept; replaces --skip/--keep (giving both is an error) (default: 0.125 with --portion)")
     a("--portion", type=int, default=None, help="MidRanking, official: train on the sorted ranks [portion*c, "
       "(portion+1)*c), rank 0 the highest loss; 0 = hardest only (default: 0 with --frac)")
-    # data
-    a("--data", default=str(prepare_data.DEFAULT_DATA_DIR), help="folder written by prepare_data.py")
+    a = p.add_argument_group("data").add_argument
+    a("--data", default=str(prepare_data.DEFAULT_DATA_DIR), help="folder written by prepare_data.py; the built-in "
+      "corpus (data/shakespeare-char, or data/shakespeare as GPT-2 tokens) is prepared on first use")
     a("--block_size", type=int, default=None,
       help=f"most target tokens per sample (context length) {by_mode('block_size')}")
     a("--batch_size", type=int, default=8, help="micro-batch size (samples per forward pass)")
-    a("--grad_accum", type=int, default=None, help=f"micro-batches per optimizer step {by_mode('grad_accum')}")
-    # model (from scratch)
+    a("--grad_accum", type=int, default=None, help=f"micro-batches per optimizer step; the weights are those of the "
+      f"whole step's n = batch_size * grad_accum * processes samples, exactly {by_mode('grad_accum')}")
+    a = p.add_argument_group("model: a new GPT, an earlier run, or a pretrained checkpoint").add_argument
     a("--n_layer", type=int, default=4, help="transformer blocks")
     a("--n_head", type=int, default=4, help="attention heads")
     a("--n_embd", type=int, default=128, help="embedding width")
@@ -75,8 +78,7 @@ def build_parser(description="Train a GPT with per-sample losses reweighted by E
     a("--init_from", default="scratch", help="'scratch', 'resume' (from --out_dir), or an earlier out_dir")
     a("--pretrained", default=None, help="continual training of a Hugging Face GPT-2 / OPT / LLaMA-family "
       "checkpoint: a local folder or, online, a hub name (its data must be prepared with its tokenizer)")
-    a("--grad_ckpt", action="store_true", help="activation checkpointing: less memory, ~30%% more compute")
-    # optimisation
+    a = p.add_argument_group("optimisation").add_argument
     a("--max_iters", type=int, default=None, help=f"optimizer steps {by_mode('max_iters')}")
     a("--lr", type=float, default=None, help=f"peak learning rate {by_mode('lr')}")
     a("--min_lr", type=float, default=None, help=f"cosine schedule: final learning rate {by_mode('min_lr')}")
@@ -90,29 +92,38 @@ def build_parser(description="Train a GPT with per-sample losses reweighted by E
     a("--beta1", type=float, default=0.9, help="AdamW beta1")
     a("--beta2", type=float, default=None, help=f"AdamW beta2 {by_mode('beta2')}")
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
-    # evaluation, logging, output
-    a("--eval_interval", type=int, default=50, help="evaluate and checkpoint every this many steps")
-    a("--keep_last", type=int, default=2, help="checkpoints kept in out_dir (ckpt.pt is the latest)")
-    a("--eval_samples", type=int, default=128, help="held-out samples in the val loss")
+    a = p.add_argument_group("run and output").add_argument
     a("--out_dir", default="out/{run}", help="where checkpoints and logs go; {run} is replaced by the method and "
       "its settings (out/irdro-tau1.0, out/midrank-skip0.125-keep0.5, out/erm), {method} by the method")
     a("--overwrite", action="store_true", help="replace another run's files in --out_dir (refused otherwise)")
+    a("--eval_interval", type=int, default=50, help="evaluate and checkpoint every this many steps")
+    a("--eval_samples", type=int, default=128, help="held-out samples in the val loss")
+    a("--keep_last", type=int, default=2, help="checkpoints kept in out_dir (ckpt.pt is the latest)")
     a("--seed", type=int, default=1337, help="model init and the data order")
     a("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (needs `pip install wandb`)")
-    # system
+    a = p.add_argument_group("hardware").add_argument
     a("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
       help="auto: bfloat16 where supported, float16 (with loss scaling) on older GPUs, float32 on CPU")
     a("--compile", action=argparse.BooleanOptionalAction, default="auto",
       help="torch.compile the model; auto: on for CUDA")
+    a("--grad_ckpt", action="store_true", help="activation checkpointing: less memory, ~30%% more compute")
     a("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer state "
       "over the processes (FSDP2) instead of replicating them (DDP)")
     return p
 
 
+def parse(argv=None, parser=None):
+    """The flags as given, parsed (--help prints and exits here; a malformed flag exits 2): no torch needed."""
+    return (parser or build_parser()).parse_args(argv)
+
+
 def get_args(argv=None, parser=None):
+    """The flags, parsed and completed: the kind of run's defaults, the method's flags, the device."""
+    import reweight  # these load torch: after --help has had its answer
+    import runtime
     parser = parser or build_parser()
-    args = parser.parse_args(argv)
+    args = parse(argv, parser)
     official = args.frac is not None or args.portion is not None
     if official and (args.skip is not None or args.keep is not None):
         parser.error("--frac/--portion and --skip/--keep both set MidRanking's kept ranks: give one of the two pairs")
@@ -124,7 +135,10 @@ def get_args(argv=None, parser=None):
     # a method flag on the command line that the method does not take is ignored: say so (sweeps pass them all)
     given = {a.dest for a in parser._actions if a.option_strings and any(
         arg == s or arg.startswith(s + "=") for arg in (sys.argv[1:] if argv is None else argv) for s in a.option_strings)}
-    _, taken = reweight.method(args.method, **method_hparams(args))
+    try:
+        _, taken = reweight.method(args.method, **method_hparams(args))  # reweight.METHODS as they are now
+    except ValueError as e:  # an unknown method
+        parser.error(f"argument --method: {e}")
     for flag in sorted(given & set(METHOD_FLAGS) - set(taken)):
         takes = ", ".join(f"--{k}" for k in taken) or "no method flags"
         print(f"{parser.prog}: warning: --{flag} does not apply to --method {args.method} (it takes {takes}): "
@@ -147,6 +161,10 @@ def method_hparams(args):
 
 def check(args, size, distributed):
     """Flag values that cannot work, whatever the data. `size`: the number of processes."""
+    import torch
+
+    import reweight
+    import runtime
     if args.fsdp and not distributed:
         raise ValueError("--fsdp shards the model over torchrun's processes: launch with "
                          "torchrun --nproc_per_node N train.py --fsdp ... (N = 1 works too)")
@@ -195,6 +213,7 @@ def check_data(args, train_data, val_data, data_dir, size):
 def claim_out_dir(args):
     """--out_dir can be written (made if missing) and is this run's (runtime.claim_out_dir; under torchrun
     rank 0 claims it for all): checked last, once every other input is known good."""
+    import runtime
     try:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         probe = Path(args.out_dir) / f".writable-{os.getpid()}"  # one per process: torchrun's ranks check at once
@@ -209,5 +228,6 @@ def claim_out_dir(args):
 def scratch_config(args, vocab_size):
     """The model of a from-scratch run; the vocabulary is padded to a multiple of 64 (faster matmuls;
     the extra tokens never occur and the model learns to give them ~zero probability)."""
-    return model.GPTConfig(block_size=args.block_size, vocab_size=-(-vocab_size // 64) * 64, n_layer=args.n_layer,
+    from model import GPTConfig
+    return GPTConfig(block_size=args.block_size, vocab_size=-(-vocab_size // 64) * 64, n_layer=args.n_layer,
                      n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)

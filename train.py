@@ -12,6 +12,10 @@ w_1..w_n and the step descends sum_i w_i l_i: the weights of the *whole* effecti
 one micro-batch's graph alive at a time. Read step_samples, forward_backward (the method), then train.
 """
 
+import cli  # no torch: the flags are read first, so that --help and a mistyped flag answer at once
+if __name__ == "__main__":
+    cli.parse()  # exits on --help or a bad flag; main() reads them again, with the checks that need torch
+
 import functools
 import json
 import math
@@ -23,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cli
 import hf
 import prepare_data
 import reweight
@@ -157,19 +160,21 @@ def streamed(model, batches, score, ctx, backward, params):
     return losses, torch.softmax(score(losses), dim=0)
 
 
+SAMPLE_GRAPHS = True  # scored, one process: the last micro-batch's per-sample graphs (bench.py times both forms)
+
+
 def scored(model, batches, method, hparams, ctx, backward):
-    """Any method: score the whole batch, compute the weights, then forward and backward only the samples
-    that weigh, re-packed into micro-batches: dropped samples never pay for a backward pass. The scoring
-    builds no graph, except in one process for the last micro-batch: one graph per sample, so that its kept
-    samples are backpropagated at once (no second forward) and its dropped ones freed, one micro-batch's
-    graphs as in ERM. Under torchrun (DDP/FSDP expect one forward per backward) no scoring graph is kept,
-    the ranks gather the scores, and a rank that keeps none joins the gradient sync with a weight-0 sample."""
+    """Any method: score the whole batch, compute the weights, then forward and backward only the samples that
+    weigh, re-packed into micro-batches: dropped samples never pay for a backward pass. Scoring builds no graph,
+    except in one process (SAMPLE_GRAPHS) for the last micro-batch: one graph per sample, so that its kept samples
+    are backpropagated with no second forward and its dropped ones freed. Under torchrun (DDP/FSDP expect one
+    forward per backward) the ranks gather the scores; a rank that keeps none syncs with a weight-0 sample."""
     rank, size = world()
-    first = batches[:-1] if size == 1 else batches  # scored without graphs, forwarded again if kept
+    first = batches[:-1] if size == 1 and SAMPLE_GRAPHS else batches  # scored without graphs, forwarded if kept
     with torch.no_grad(), ctx:
         own = [model(x, y)[1] for x, y in first]
     graphs = []
-    if size == 1:
+    if len(first) < len(batches):
         x, y = batches[-1]
         with ctx:
             graphs = [model(x[i:i + 1], y[i:i + 1])[1] for i in range(len(x))]

@@ -14,3 +14,43 @@ def test_bench_prints_a_ratio_per_method(tiny_data):
     rows = [line.split() for line in p.stdout.splitlines() if line.endswith("x erm")]
     assert [r[0] for r in rows] == ["mean", "erm", "midrank", "irdro"]  # mean: the plain step, for reference
     assert rows[1][-2] == "1.000x" and all(float(r[1]) > 0 for r in rows)
+
+
+FAKE_NANOGPT = '''
+import pickle, sys
+from pathlib import Path
+args = dict(a[2:].split("=", 1) for a in sys.argv[2:])
+data = Path("data") / args["dataset"]
+assert args["max_iters"] == "2000" and args["n_embd"] == "128" and args["device"] == "cpu"
+vocab = pickle.load(open(data / "meta.pkl", "rb"))["vocab_size"]
+n = len((data / "train.bin").read_bytes()) // 2
+print(f"found vocab_size = {vocab}, {n} tokens")
+print("step 0: train loss 4.3000, val loss 4.2000")
+print("iter 0: loss 4.3, time 50.0ms, mfu 0.01%")
+print("step 2000: train loss 1.8000, val loss 2.1000")
+'''
+
+
+def test_vs_nanogpt_runs_both_on_the_same_tokens_and_reports_each(tmp_path, capsys):
+    """A stand-in for the nanoGPT clone (its CLI shape, our tokens as data), then a short run of ours."""
+    import bench
+    clone = tmp_path / "nanoGPT"
+    (clone / "config").mkdir(parents=True)
+    (clone / "config" / "train_shakespeare_char.py").write_text("dataset = 'shakespeare_char'\n")
+    (clone / "train.py").write_text(FAKE_NANOGPT)
+    runs = bench.vs_nanogpt(clone, ["--method", "irdro", "--max_iters", "4", "--eval_interval", "2", "--n_layer",
+                                    "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--eval_samples",
+                                    "8", "--device", "cpu"])
+    ours = bench.prepare_data.DEFAULT_DATA_DIR
+    assert (clone / "data/shakespeare_char_ours/train.bin").read_bytes() == (ours / "train.bin").read_bytes()
+    assert runs["nanoGPT"][1] == [(0, 4.2), (2000, 2.1)]
+    assert [s for s, _ in runs["ours"][1]] == [0, 2, 4] and runs["ours"][1][-1][1] < runs["ours"][1][0][1]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("nanoGPT") and "4.200 at step 0 -> 2.100 at step 2000 (50% lower) | 1.00x" in out[0]
+    assert out[1].startswith("ours") and "x nanoGPT's time" in out[1]
+
+
+def test_vs_nanogpt_refuses_a_folder_that_is_not_a_clone(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--vs-nanogpt", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "is not a nanoGPT clone" in p.stderr and "git clone" in p.stderr

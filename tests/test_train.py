@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -88,9 +89,11 @@ def reference_grads(model, x, y, method, tau, skip, keep):
     return grads, w.float()
 
 
+@pytest.mark.parametrize("sample_graphs", [True, False])  # False: MidRanking et al. scored with no graph at all
 @pytest.mark.parametrize("method", reweight.METHODS)
 @pytest.mark.parametrize("micro", [8, 4, 2, 1])
-def test_forward_backward_equals_the_whole_batch_gradient(method, micro):
+def test_forward_backward_equals_the_whole_batch_gradient(method, micro, sample_graphs, monkeypatch):
+    monkeypatch.setattr(train, "SAMPLE_GRAPHS", sample_graphs)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
     x = torch.randint(64, (8, 16))
@@ -599,7 +602,7 @@ def bad_run(tiny_flags, tmp_path, *flags):
 
 
 def test_more_bad_input(tiny_flags, tiny_data, tmp_path):
-    assert "invalid choice: 'focal'" in bad_run(tiny_flags, tmp_path, "--method", "focal")
+    assert "unknown method 'focal': choose one of erm, midrank" in bad_run(tiny_flags, tmp_path, "--method", "focal")
     assert "tau" in bad_run(tiny_flags, tmp_path, "--tau", "inf")
     assert "cannot find" in bad_run(tiny_flags, tmp_path, "--pretrained", str(tmp_path / "no_such_model"))
     (tmp_path / "afile").write_text("")
@@ -636,3 +639,30 @@ def test_float16_recovers_from_gradient_overflow(tiny_flags, tmp_path, monkeypat
     assert ckpt["scaler"]["scale"] < 2.0 ** 26
     evals = [r["val_loss"] for r in read_jsonl(tmp_path / "fp16" / "log.jsonl") if r["type"] == "eval"]
     assert evals[-1] < evals[0] - 0.05  # once the scale came down, it trained
+
+
+def test_help_is_grouped_and_answers_without_torch(tmp_path):
+    """--help (and a mistyped flag) come before torch is imported: a torch that fails to import is never reached."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    groups = [line for line in p.stdout.splitlines() if line and not line[0].isspace() and line.endswith(":")]
+    assert [g.split(":")[0] for g in groups] == ["options", "method", "data", "model", "optimisation",
+                                                  "run and output", "hardware"]
+    text = " ".join(p.stdout.split())
+    assert "smaller = more weight on the hardest samples" in text and "--frac f --portion p is --skip p*f" in text
+    assert all(name in text for name in reweight.METHODS)
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--bacth_size", "8"], capture_output=True,
+                       text=True, env=env)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "train.py: error: unrecognized arguments: --bacth_size 8"]
+
+
+def test_an_unknown_method_is_one_line_and_exit_2(tiny_flags, tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_flags, "--method", "midrnk", "--out_dir",
+                        str(tmp_path / "run")], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "train.py: error: argument --method: unknown method 'midrnk': choose one of " + ", ".join(reweight.METHODS)]
+    assert not (tmp_path / "run").exists()
