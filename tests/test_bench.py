@@ -45,7 +45,7 @@ def test_vs_nanogpt_runs_both_on_the_same_tokens_and_reports_each(tmp_path, caps
     assert (clone / "data/shakespeare_char_ours/train.bin").read_bytes() == (ours / "train.bin").read_bytes()
     assert runs["nanoGPT"][1] == [(0, 4.2), (2000, 2.1)]
     assert [s for s, _ in runs["ours"][1]] == [0, 2, 4] and runs["ours"][1][-1][1] < runs["ours"][1][0][1]
-    out = capsys.readouterr().out.splitlines()
+    out = [line for line in capsys.readouterr().out.splitlines() if " s | val loss " in line]  # not "prepared ..."
     assert out[0].startswith("nanoGPT") and "4.200 at step 0 -> 2.100 at step 2000 (50% lower) | 1.00x" in out[0]
     assert out[1].startswith("ours") and "x nanoGPT's time" in out[1]
 
