@@ -118,7 +118,7 @@ def main():
             if device.type == "cuda":
                 peak[m] = max(peak.get(m, 0), torch.cuda.max_memory_allocated())
 
-    kept = int((reweight.weights(torch.rand(n), "midrank", **cli.method_hparams(args)) > 0).sum())
+    kept = reweight.midrank_counts(n, args.skip, args.keep, args.frac, args.portion)[1]
     print(f"{device} {dtype} | {n_params / 1e6:.2f}M params | "
           f"batch {n} = {args.batch_size} x {args.grad_accum} of {args.block_size} tokens | "
           f"midrank keeps {kept}/{n}, irdro tau {args.tau} | {args.steps} steps, median")
@@ -160,9 +160,10 @@ def vs_nanogpt(clone, ours_flags=("--method", "irdro", "--tau", "1.0")):
             t0 = time.perf_counter()
             res = subprocess.run([sys.executable, "train.py"] + cmd, cwd=cwd, capture_output=True, text=True)
             wall = time.perf_counter() - t0
-            if res.returncode:
-                sys.exit(f"bench.py: {name} failed (exit {res.returncode}): {res.stderr.strip()[-500:]}")
             runs[name] = wall, [(int(s), float(v)) for s, v in re.findall(evals, res.stdout)]
+            if res.returncode or not runs[name][1]:
+                last = (res.stderr.strip().splitlines() or ["no evaluation printed"])[-1]
+                sys.exit(f"bench.py: {name} failed (exit {res.returncode}, {cwd}): {last}")
     for name, (wall, evals) in runs.items():
         (s0, v0), (s1, v1) = evals[0], evals[-1]
         print(f"{name:8s} {wall:6.1f} s | val loss {v0:.3f} at step {s0} -> {v1:.3f} at step {s1} "

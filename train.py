@@ -174,7 +174,7 @@ def scored(model, batches, method, hparams, ctx, backward):
     with torch.no_grad(), ctx:
         own = [model(x, y)[1] for x, y in first]
     graphs = []
-    if len(first) < len(batches):
+    if len(first) < len(batches):  # the last micro-batch: scored through one graph per sample
         x, y = batches[-1]
         with ctx:
             graphs = [model(x[i:i + 1], y[i:i + 1])[1] for i in range(len(x))]
