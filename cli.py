@@ -108,6 +108,9 @@ def build_parser(description="Train a GPT with per-sample losses reweighted by E
     a("--compile", action=argparse.BooleanOptionalAction, default="auto",
       help="torch.compile the model; auto: on for CUDA")
     a("--grad_ckpt", action="store_true", help="activation checkpointing: less memory, ~30%% more compute")
+    a("--loss_chunk", type=int, default=None, help="tokens per chunk of the loss, which is computed from the hidden "
+      "states chunk by chunk so that the (batch x tokens x vocabulary) logits never exist (loss.py); 0 = from full "
+      "logits, the plain way (default: 2^25 // vocabulary size, 128 MB of float32 logits a chunk)")
     a("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer state "
       "over the processes (FSDP2) instead of replicating them (DDP)")
     return p
@@ -173,8 +176,9 @@ def check(args, size, distributed):
     for flag in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_samples", "keep_last"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.max_iters < 0:
-        raise ValueError(f"--max_iters must be >= 0, got {args.max_iters}")
+    for flag in ("max_iters", "loss_chunk"):
+        if (getattr(args, flag) or 0) < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     for flag in ("lr", "min_lr", "weight_decay", "grad_clip"):
         if not getattr(args, flag) >= 0:  # AdamW would raise a traceback; NaN fails here too
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")

@@ -4,7 +4,8 @@ One compact GPT for GPT-2, OPT and the LLaMA family, whose forward pass returns 
 Why per sample: hard-sample reweighting (reweight.py) needs one loss l_i for each sample i of the
 batch, l_i = mean next-token cross-entropy over that sample's counted target positions, so that the
 training step can minimise sum_i w_i * l_i instead of the plain mean. Targets equal to -1 are not
-counted (padding; prompt tokens in instruction data). This file knows nothing about reweighting.
+counted (padding; prompt tokens in instruction data). The loss comes straight from the final hidden states,
+chunk by chunk (loss.py), so that the (B, T, V) logits are never built. This file knows nothing about reweighting.
 
 The families differ in a handful of switches (GPTConfig): LayerNorm or RMSNorm, learned positions or
 rotary ones (RoPE), GELU / ReLU / SwiGLU MLP, grouped key-value heads, biases, pre- or post-norm, a tied
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-IGNORE_INDEX = -1  # target value of positions that do not count
+from loss import IGNORE_INDEX, chunked_per_sample_cross_entropy, per_sample_cross_entropy  # noqa: F401
 
 
 @dataclass
@@ -183,16 +184,20 @@ class Block(nn.Module):
         return self.ln_2(x + self.mlp(x))
 
 
-def per_sample_cross_entropy(logits, targets):
-    """(B, T, V) logits, (B, T) targets -> (B,) mean cross-entropy over each row's counted targets.
+class OutputHead(nn.Linear):
+    """The output layer. Without targets: logits. With targets: the per-sample loss straight from the hidden
+    states, chunk by chunk (loss.py), so that training and evaluation never hold the (B, T, V) logits; being
+    the head's own forward, it is also where FSDP gathers the head's weight (runtime.shard_or_move)."""
 
-    A row with no counted target gets loss 0 (not 0/0 = NaN); it then contributes nothing."""
-    B, T, V = logits.shape
-    # the softmax in float32 at least: bf16 logits go up, float64 ones stay (casts only ever go up)
-    logits = logits.reshape(B * T, V).to(torch.promote_types(logits.dtype, torch.float32))
-    tok = F.cross_entropy(logits, targets.reshape(B * T), ignore_index=IGNORE_INDEX, reduction="none").view(B, T)
-    count = (targets != IGNORE_INDEX).sum(dim=1)
-    return tok.sum(dim=1) / count.clamp(min=1)
+    def forward(self, x, targets=None, chunk=0):
+        if targets is None:
+            return super().forward(x)
+        return chunked_per_sample_cross_entropy(x, self.weight, targets, self.bias, chunk)
+
+
+# tokens per chunk of the loss by default: about 2^25 logits, 128 MB in float32 (261 tokens at Llama-3's
+# 128256-token vocabulary, one chunk for a character vocabulary)
+LOGITS_PER_CHUNK = 2 ** 25
 
 
 class GPT(nn.Module):
@@ -202,6 +207,7 @@ class GPT(nn.Module):
         self.config = config
         self.grad_ckpt = False  # activation checkpointing: recompute each block in the backward pass
         C = config
+        self.loss_chunk = max(1, LOGITS_PER_CHUNK // C.vocab_size)  # 0: the plain loss from full logits
         # (the registration order fixes the order of the random initialisation: keep it stable)
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(C.vocab_size, C.embd_dim)))
         if C.pos == "learned":
@@ -213,7 +219,7 @@ class GPT(nn.Module):
         if C.embd_dim != C.n_embd:  # opt-350m embeds in 512 dims and works in 1024
             self.transformer.project_in = nn.Linear(C.embd_dim, C.n_embd, bias=False)
             self.transformer.project_out = nn.Linear(C.n_embd, C.embd_dim, bias=False)
-        self.lm_head = nn.Linear(C.embd_dim, C.vocab_size, bias=False)
+        self.lm_head = OutputHead(C.embd_dim, C.vocab_size, bias=False)
         if C.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
@@ -242,8 +248,23 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """idx: (B, T) token ids. Returns (logits, loss).
 
-        With targets (B, T): logits (B, T, V) and loss = per-sample loss of shape (B,).
-        Without: logits of the last position only, (B, 1, V), and loss None (generation)."""
+        With targets (B, T): loss = the per-sample loss, shape (B,), and logits None: they are never built
+        (loss.py). With loss_chunk = 0, the plain way instead: logits (B, T, V) and the loss from them.
+        Without targets: the last position's logits, (B, 1, V), and loss None (generation)."""
+        x = self.hidden(idx)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        if not self.loss_chunk:
+            logits = self.lm_head(x)
+            return logits, per_sample_cross_entropy(logits, targets)
+        return None, self.lm_head(x, targets, self.loss_chunk)
+
+    def logits(self, idx):
+        """Every position's logits (B, T, V): for parity tests and analysis, not for training."""
+        return self.lm_head(self.hidden(idx))
+
+    def hidden(self, idx):
+        """(B, T) token ids -> the final hidden states (B, T, embd_dim) that the output head reads."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
         tr = self.transformer
@@ -265,10 +286,7 @@ class GPT(nn.Module):
             x = tr.ln_f(x)
         if "project_out" in tr:
             x = tr.project_out(x)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        return logits, per_sample_cross_entropy(logits, targets)
+        return x
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, decay="matrices"):
         """AdamW. decay="matrices": weight decay on matrices only (weights of Linear/Embedding), not on biases or

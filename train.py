@@ -214,9 +214,10 @@ def replayed(model, batches, method, hparams, ctx, backward):
     states, own, graph = [], [], None
     for i, (x, y) in enumerate(batches):
         states.append(runtime.rng_state(device))
-        with grad_sync(model, last=False), ctx:  # DDP: no gradient sync is prepared for a pass not backpropagated
+        last = size == 1 and i == len(batches) - 1  # its graph is kept; the others are replayed: no graph now
+        with grad_sync(model, last=False), ctx, torch.set_grad_enabled(last):  # DDP: no sync, not backpropagated
             _, loss = model(x, y)
-        graph = loss if size == 1 and i == len(batches) - 1 else None
+        graph = loss if last else None
         own.append(loss.detach())
     after = runtime.rng_state(device)
     losses = all_cat(torch.cat(own))
@@ -280,6 +281,7 @@ def build_model(args, meta, data_dir):
         raise ValueError(f"{data_dir} has a vocabulary of {meta['vocab_size']} tokens, the model only "
                          f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
     model.grad_ckpt = args.grad_ckpt
+    model.loss_chunk = model.loss_chunk if args.loss_chunk is None else args.loss_chunk
     return model, ckpt
 
 

@@ -79,7 +79,7 @@ def test_logits_and_losses_match_transformers(name, tmp_path):
     y[1, 12:] = IGNORE_INDEX
     with torch.no_grad():
         expected = hf(x).logits
-        logits, loss = ours(x, y)
+        logits, loss = ours.logits(x), ours(x, y)[1]
     assert expected.abs().max() > 1.0  # the test has teeth: logits far from uniform
     assert (logits - expected).abs().max().item() <= 1e-4
     # per-sample losses against a loss computed from transformers' logits
@@ -129,7 +129,7 @@ def test_checkpoint_layouts(layout, tmp_path):
     ours = load_pretrained(tmp_path).eval()
     x = tokens()
     with torch.no_grad():
-        assert (ours(x, torch.zeros_like(x))[0] - hf(x).logits).abs().max().item() <= 1e-4
+        assert (ours.logits(x) - hf(x).logits).abs().max().item() <= 1e-4
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
@@ -154,7 +154,7 @@ def test_scratch_model_exports_as_gpt2(tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     x = tokens(V=64, T=16)
     with torch.no_grad():
-        assert (back(x).logits - ours(x, torch.zeros_like(x))[0]).abs().max().item() <= 1e-5
+        assert (back(x).logits - ours.logits(x)).abs().max().item() <= 1e-5
 
 
 def test_export_without_a_tokenizer_folder_writes_the_model_only(tmp_path, capsys):
@@ -166,7 +166,7 @@ def test_export_without_a_tokenizer_folder_writes_the_model_only(tmp_path, capsy
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     x = tokens(V=64, T=16)
     with torch.no_grad():
-        assert (back(x).logits - ours(x, torch.zeros_like(x))[0]).abs().max().item() <= 1e-5
+        assert (back(x).logits - ours.logits(x)).abs().max().item() <= 1e-5
 
 
 # --- the export's tokenizer, special-token ids and dtype -------------------------------------------------------
@@ -261,7 +261,7 @@ def test_export_keeps_the_checkpoints_tokenizer_and_chat_template(where, tiny_ll
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     x = tokens(V=800)
     with torch.no_grad():
-        expected = ours(x, torch.zeros_like(x))[0]
+        expected = ours.logits(x)
         assert expected.abs().max() > 1.0
         assert (back(x).logits - expected).abs().max().item() <= 1e-4
 
@@ -428,7 +428,7 @@ def our_loglikelihood(model, encode, context, continuation):
     ids, n = encode(context + continuation), len(encode(context.rstrip()))
     x = torch.tensor([ids])
     with torch.no_grad():
-        logp = torch.log_softmax(model.eval()(x, torch.zeros_like(x))[0][0].double(), dim=-1)
+        logp = torch.log_softmax(model.eval().logits(x)[0].double(), dim=-1)
     return sum(logp[i - 1, ids[i]].item() for i in range(n, len(ids)))
 
 
