@@ -1,7 +1,11 @@
-"""memory.py's arithmetic against measurement on CPU (bytes, never time)."""
+"""memory.py's arithmetic against measurement on CPU (bytes, never time), and train.py's memory line, refusal and
+out-of-memory exit."""
 
 import contextlib
+import subprocess
+import sys
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import memory
 import model as model_module
+import runtime
+import train
+from conftest import ROOT
 from memory import GiB, Run
 from model import GPT, GPTConfig
 
@@ -252,3 +259,61 @@ def test_the_table_command_prints_every_model_and_choice():
     rows = memory.table()
     assert len(rows) == 2 + len(memory.PUBLIC) * len(memory.CHOICES) * 2
     assert rows[2].startswith("| OPT-125m (0.13B) | adamw | float32 | no | 16.00 |")
+
+
+# --- train.py: the line, the refusal, the out-of-memory exit ------------------------------------------------------
+
+def test_the_memory_line_is_printed_at_the_start_on_cpu(tiny_flags, tmp_path, capsys):
+    train.main(tiny_flags + ["--out_dir", str(tmp_path / "o"), "--max_iters", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("memory: weights ") and " = " in lines[1], lines[:3]
+
+
+def test_a_run_its_gpu_cannot_hold_is_refused_in_one_line_naming_flags(tiny_flags, tmp_path, monkeypatch, capsys):
+    flags = tiny_flags + ["--out_dir", str(tmp_path / "o"), "--batch_size", "4", "--grad_accum", "2"]
+    args = train.cli.get_args(flags)
+    model = train.build_model(args, train.load_split(train.Path(args.data), "train", 32)["meta"], None)[0]
+    need = memory.estimate(model, Run.from_args(args, "float32"))
+    smaller = memory.estimate(model, replace(need.run, optim="adamw8bit"))
+    free = int(smaller.total * (1 + memory.MARGIN)) + 1  # 8-bit moments fit, the run as asked does not
+    assert not memory.fits(need, free)
+    monkeypatch.setattr(runtime, "free_memory", lambda device: free)
+    with pytest.raises(SystemExit) as e:
+        train.main(flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("train.py: error: this run needs "), err
+    assert err[0].endswith(f"free: try --optim adamw8bit ({memory.size(smaller.total)} by the arithmetic)"), err
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 10 * need.total)  # room enough: it runs
+    train.main(flags + ["--max_iters", "1"])
+
+
+OOM_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import train
+calls, real = [], train.forward_backward
+def fails_at_step_3(*args, **kwargs):  # steps 0 and 1 train, the evaluation at step 2 checkpoints, step 2 fails
+    calls.append(1)
+    if len(calls) == 3:
+        open({snapshot!r}, "wb").write(open({ckpt!r}, "rb").read())  # ckpt.pt as it was when memory ran out
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return real(*args, **kwargs)
+train.forward_backward = fails_at_step_3
+train.main(sys.argv[1:])
+"""
+
+
+def test_out_of_memory_in_a_step_is_one_line_exit_2_and_the_checkpoint_intact(tiny_flags, tmp_path):
+    out = tmp_path / "o"
+    code = OOM_SCRIPT.format(root=str(ROOT), snapshot=str(tmp_path / "snapshot"), ckpt=str(out / "ckpt.pt"))
+    p = subprocess.run([sys.executable, "-c", code, *tiny_flags, "--out_dir", str(out), "--max_iters", "4",
+                        "--eval_interval", "2"], capture_output=True, text=True)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1, p.stderr
+    assert err[0].startswith("train.py: error: out of memory on cpu in training (CUDA out of memory. Tried to allocate "
+                             "2.00 GiB; ") and " by the arithmetic): try --" in err[0], err
+    assert err[0].endswith(f"; {out / 'ckpt.pt'}, the last checkpoint, is intact"), err
+    assert (out / "ckpt.pt").read_bytes() == (tmp_path / "snapshot").read_bytes()  # nothing written after it
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
+    assert sorted(p.name for p in out.glob("ckpt*")) == ["ckpt-0000002.pt", "ckpt.pt"] and not (out / "hf").exists()
