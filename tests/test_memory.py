@@ -261,6 +261,13 @@ def test_the_table_command_prints_every_model_and_choice():
     assert rows[2].startswith("| OPT-125m (0.13B) | adamw | float32 | no | 16.00 |")
 
 
+def test_the_documented_table_is_the_generated_one():
+    """docs/memory.md shows `python memory.py --table` as the code computes it now: a change to the arithmetic (the
+    chunked loss, a new optimizer) fails here until the table is regenerated."""
+    doc = (ROOT / "docs" / "memory.md").read_text()
+    assert "\n".join(memory.table()) in doc and "python memory.py --table" in doc
+
+
 # --- train.py: the line, the refusal, the out-of-memory exit ------------------------------------------------------
 
 def test_the_memory_line_is_printed_at_the_start_on_cpu(tiny_flags, tmp_path, capsys):
@@ -317,3 +324,4 @@ def test_out_of_memory_in_a_step_is_one_line_exit_2_and_the_checkpoint_intact(ti
     assert (out / "ckpt.pt").read_bytes() == (tmp_path / "snapshot").read_bytes()  # nothing written after it
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
     assert sorted(p.name for p in out.glob("ckpt*")) == ["ckpt-0000002.pt", "ckpt.pt"] and not (out / "hf").exists()
+
