@@ -11,7 +11,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+import memory
 from model import GPT, GPTConfig
 
 
@@ -463,10 +464,12 @@ def to_device(t, device):
 
 
 def run_line(raw_model, args, n_train, device, dtype):
+    """The run in two lines: what it trains on what, and the memory it needs (memory.py)."""
     n = args.batch_size * args.grad_accum * world()[1]
     return (f"{raw_model.num_params() / 1e6:.2f}M parameters | {args.method} | {n_train} train samples | effective "
             f"batch {n} = {args.batch_size} x {args.grad_accum} x {world()[1]} processes | {device} {dtype}"
-            + (" | FSDP" if args.fsdp else ""))
+            + (" | FSDP" if args.fsdp else "") + "\n"
+            + memory.estimate(raw_model, memory.Run.from_args(args, dtype, world()[1])).summary())
 
 
 def step_line(record, max_iters, n, tail):
@@ -480,3 +483,46 @@ def same_count(items, pad, device):
     if not dist.is_initialized():
         return items
     return items + [pad] * (int(all_max(torch.tensor(len(items), device=device)).item()) - len(items))
+
+
+# -----------------------------------------------------------------------------
+# memory: said before it fails (memory.py's arithmetic), and in one line when it fails all the same
+
+def free_memory(device):
+    """Bytes a run may still take on `device`; None where torch cannot tell (CPU, MPS): nothing is refused there."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def check_memory(model, args, size, distributed):
+    """ValueError (one line) where the run's need by the arithmetic, plus memory.MARGIN, exceeds the free memory of
+    its CUDA device, naming the first flags that fit (memory.remedy). Under torchrun each process checks its GPU."""
+    device = pick_device(args.device)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    run = memory.Run.from_args(args, pick_dtype(args.dtype, device), size)
+    need, free = memory.estimate(model, run), free_memory(device)
+    if free is not None and not memory.fits(need, free):
+        raise ValueError(f"this run needs {memory.size(need.total * (1 + memory.MARGIN))} on {device} ("
+                         f"{memory.size(need.total)} by the arithmetic + {memory.MARGIN:.0%}) and {memory.size(free)} "
+                         f"are free: {memory.remedy(model, run, free)}")
+
+
+@contextmanager
+def out_of_memory_exits(model, args):
+    """Out of memory all the same (the arithmetic leaves out fragmentation and workspaces beyond its margin): one line
+    naming flags that need at least the margin less, exit 2. Nothing is written after the failure, so the last
+    checkpoint (save_checkpoint writes atomically) stays as it was."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        device = next(model.parameters()).device
+        run = memory.Run.from_args(args, pick_dtype(args.dtype, device), world()[1])
+        need = memory.estimate(model, run)
+        free = free_memory(device)  # this process's own cached blocks are free to the next run too
+        available = need.total if free is None else min(need.total, free + torch.cuda.memory_reserved(device))
+        ckpt = Path(args.out_dir) / "ckpt.pt"
+        kept = f"{ckpt}, the last checkpoint, is intact" if ckpt.exists() else "no checkpoint had been written"
+        what = ". ".join(str(e).split(". ")[:2])  # "CUDA out of memory. Tried to allocate 2.00 GiB" (it goes on)
+        print(f"train.py: error: out of memory on {device} in training ({what}; {memory.size(need.total)} by the "
+              f"arithmetic): {memory.remedy(model, run, available)}; {kept}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -85,8 +85,7 @@ def step_samples(seed, step, n, n_samples):
     cut into n_samples // n steps of n; the leftover n_samples % n go unused that epoch (as drop_last does),
     so a step never holds a sample twice. A function of (seed, step, n, n_samples) alone: the data does not
     depend on how the step is split into micro-batches or processes, and resume needs no state."""
-    steps_per_epoch = n_samples // n
-    epoch, k = divmod(step, steps_per_epoch)
+    epoch, k = divmod(step, n_samples // n)  # n_samples // n steps per epoch
     return epoch_order(seed, epoch, n_samples)[k * n:(k + 1) * n].copy()
 
 
@@ -244,10 +243,10 @@ def setup(args, size=1, distributed=False):
     """-> (train data, val data, model, checkpoint or None); `size` processes, started by torchrun if `distributed`."""
     cli.check(args, size, distributed)
     data_dir = prepare_data.ensure_prepared(Path(args.data), size)
-    train_data = load_split(data_dir, "train", args.block_size)
-    val_data = load_split(data_dir, "val", args.block_size)
+    train_data, val_data = (load_split(data_dir, split, args.block_size) for split in ("train", "val"))
     cli.check_data(args, train_data, val_data, data_dir, size)
     model, ckpt = build_model(args, train_data["meta"], data_dir)
+    runtime.check_memory(model, args, size, distributed)  # more than the GPU's free memory: refused, naming flags
     cli.claim_out_dir(args)
     return train_data, val_data, model, ckpt
 
@@ -332,7 +331,8 @@ def main(argv=None):
     device, dtype, ctx, scaler, model, optimizer, step = runtime.place(raw_model, ckpt, args, distributed)
     log = runtime.RunLog(Path(args.out_dir), args, resume_step=step if args.init_from == "resume" else None)
     log.print(runtime.run_line(raw_model, args, len(train_data["start"]), device, dtype))
-    val_loss = train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, val_data, step, log)
+    with runtime.out_of_memory_exits(raw_model, args):  # one line naming the flags that need less, exit 2
+        val_loss = train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, val_data, step, log)
     state = runtime.model_state(raw_model)  # FSDP: a collective
     if log.on:
         log.close()
