@@ -20,8 +20,10 @@ from model import GPT, GPTConfig
 
 GiB, MiB = 2 ** 30, 2 ** 20
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# The loss's transient peak per logit (float32 softmax + its gradient + a compute-dtype copy), for the logits of
-# `loss_chunk` tokens at a time (model.loss_chunk; 0: all the micro-batch's tokens at once).
+# The loss's transient peak per logit, for the logits of `loss_chunk` tokens at a time (model.loss_chunk; 0: all the
+# micro-batch's tokens at once, whose float32 log-probabilities the plain form also keeps for the backward). loss.py's
+# chunk holds its float32 logits, a temporary of their size (log-sum-exp, then the bf16 copy for the matmuls) and,
+# under autocast, the matmul's bf16 output: 9.0 to 10.5 bytes measured (tests/test_memory.py), 12 with a margin.
 LOSS_BYTES_PER_LOGIT = 12
 # On CUDA a run fits where need * (1 + MARGIN) <= free memory: the allocator's fragmentation, the backward pass's
 # transient gradients of activations and the kernels' workspaces are not in the arithmetic.
@@ -135,8 +137,18 @@ def weight_copy_bytes(model, run, param_bytes, compute_bytes):
         return (root + 2 * block) * compute_bytes + block * 4
     if run.dtype in ("float32", run.param_dtype):  # no autocast, or nothing for it to cast
         return 0
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    # the chunked loss casts the head itself, for the loss's forward and again its backward: a transient (loss_bytes)
+    head = model.lm_head if getattr(model, "loss_chunk", 0) else None
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     return sum(t.numel() for m in linears for t in (m.weight, m.bias) if t is not None) * compute_bytes
+
+
+def loss_bytes(model, run, compute_bytes, chunk):
+    """The loss's transient peak: a chunk's logits (all the tokens' when chunk is 0) at LOSS_BYTES_PER_LOGIT, and
+    under autocast the chunked loss's own compute-dtype copy of the head's weight."""
+    c, tokens = model.config, run.batch_size * run.block_size
+    cast = c.vocab_size * c.embd_dim * compute_bytes if chunk and run.dtype not in ("float32", run.param_dtype) else 0
+    return min(chunk or tokens, tokens) * c.vocab_size * LOSS_BYTES_PER_LOGIT + cast
 
 
 # -----------------------------------------------------------------------------
@@ -169,6 +181,13 @@ def block_bytes(config, param_bytes, compute_bytes, autocast):
     return norms + matmul_inputs + attention + mlp
 
 
+def head_input_bytes(c, run, param_bytes, compute_bytes):
+    """What loss.py keeps for its backward: the final hidden states (in the residual stream's dtype, the weights', or
+    project_out's compute dtype), a float32 log-sum-exp and the int64 target per token, and each row's target count."""
+    hidden = compute_bytes if c.embd_dim != c.n_embd else param_bytes
+    return (hidden * c.embd_dim + 4 + 8) * run.batch_size * run.block_size + 8 * run.batch_size
+
+
 def activation_bytes(config, run, param_bytes, compute_bytes, grad_ckpt):
     """What one micro-batch's forward pass keeps for the backward pass, by part (bytes), the loss excluded."""
     c, T, a = config, run.block_size, compute_bytes
@@ -182,7 +201,7 @@ def activation_bytes(config, run, param_bytes, compute_bytes, grad_ckpt):
         final += a * c.n_embd * tokens
     block = block_bytes(c, param_bytes, a, autocast) * tokens
     parts = dict(embeddings=embeddings, blocks=block * c.n_layer, recompute=0, final=final,
-                 head_input=a * c.embd_dim * tokens)  # lm_head's input: the final hidden states
+                 head_input=head_input_bytes(c, run, param_bytes, a))
     if grad_ckpt:  # each block's input is kept; one block's activations come back in the backward pass
         parts.update(blocks=param_bytes * c.n_embd * tokens * c.n_layer, recompute=block)
     return parts
@@ -205,7 +224,7 @@ def estimate(model, run):
                   optimizer=shard(optimizer_bytes(numels, run.optim, p)),
                   weight_copies=weight_copy_bytes(model, run, p, a), activations=acts[run.grad_ckpt],
                   other_activations=acts[not run.grad_ckpt],
-                  loss=min(chunk or tokens, tokens) * c.vocab_size * LOSS_BYTES_PER_LOGIT, run=run)
+                  loss=loss_bytes(model, run, a, chunk), run=run)
 
 
 def fits(memory, available):

@@ -279,8 +279,7 @@ def build_model(args, meta, data_dir):
     if meta["vocab_size"] > model.config.vocab_size:
         raise ValueError(f"{data_dir} has a vocabulary of {meta['vocab_size']} tokens, the model only "
                          f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
-    model.grad_ckpt = args.grad_ckpt
-    model.loss_chunk = model.loss_chunk if args.loss_chunk is None else args.loss_chunk
+    model.grad_ckpt, model.loss_chunk = args.grad_ckpt, model.loss_chunk if args.loss_chunk is None else args.loss_chunk
     return model, ckpt
 
 
@@ -304,14 +303,13 @@ def evaluate(model, data, samples, batch_size, block_size, device, ctx):
     rank, size = world()
     per_rank = -(-len(samples) // size)
     idx = rank * per_rank + np.arange(per_rank)
-    counts = idx < len(samples)
-    idx = samples[np.minimum(idx, len(samples) - 1)]
+    idx, counts = samples[np.minimum(idx, len(samples) - 1)], idx < len(samples)
     model.eval()
     total = 0.0
     for i in range(0, per_rank, batch_size):
         x, y = get_batch(data, idx[i:i + batch_size], block_size, device)
         with ctx:
-            loss = model(x, y)[1]  # float32 at least (model.per_sample_cross_entropy), never cast down
+            loss = model(x, y)[1]  # float32 at least (loss.py), never cast down; no logits built
         total += loss[torch.from_numpy(counts[i:i + batch_size]).to(device)].sum().item()
     model.train()
     if hasattr(model, "reshard"):  # FSDP keeps the root's parameters gathered after a forward: free them
