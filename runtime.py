@@ -94,6 +94,8 @@ def shard_or_move(model, device, dtype, fsdp):
     policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
     for block in model.transformer.h:
         fully_shard(block, mp_policy=policy)
+    if not model.config.tie_embeddings:  # an untied head is a unit of its own, gathered only while the loss runs
+        fully_shard(model.lm_head, mp_policy=policy)  # (model.OutputHead: the loss is the head's own forward)
     return fully_shard(model, mp_policy=policy)  # also moves the shards to the device
 
 
@@ -355,36 +357,47 @@ def write_line(file, record):
     file.flush()
 
 
-# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' spec sheets, FLOP/s. MFU is reported
-# only for a GPU named here, rather than against a guess.
-PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12,
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' spec sheets, FLOP/s, by the name CUDA gives the
+# device less its "NVIDIA " / "Tesla " prefix. MFU is reported only for a GPU named here, rather than against a guess.
+PEAK_FLOPS = {"H200": 989e12, "H200 NVL": 835e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12,
               "H100 PCIe": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "V100": 125e12, "T4": 65e12}
 
 
 def peak_flops(device, dtype):
     if device.type != "cuda" or dtype == "float32":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return peak_of(torch.cuda.get_device_name(device))
+
+
+def peak_of(name):
+    """The entry of the longest name that `name` is, or begins with as a whole word ("A100-SXM4-80GB" is an A100;
+    "L40" is not an L4)."""
+    name = name.removeprefix("NVIDIA ").removeprefix("Tesla ")
+    names = [k for k in PEAK_FLOPS if name == k or name[len(k):len(k) + 1] in (" ", "-") and name.startswith(k)]
+    return PEAK_FLOPS[max(names, key=len)] if names else None
 
 
 class Progress:
     """Throughput, model FLOPs utilisation and time left, for the progress line."""
 
-    def __init__(self, config, n_params, block_size, device, dtype, first_step, max_iters):
-        # model FLOPs per token of a training step (forward + backward = 3 x forward): 6 per parameter plus
-        # attention's 12 * layers * width * context (the PaLM appendix's count)
+    def __init__(self, model, block_size, device, dtype, first_step, max_iters):
+        # model FLOPs per token of a training step (forward + backward = 3 x forward): 6 per parameter that takes part
+        # in a matmul (an untied token table is a lookup, the position table an addition) plus attention's
+        # 12 * layers * width * context (the PaLM appendix's count)
+        config = model.config
+        n_params = model.num_params() - (0 if config.tie_embeddings else model.transformer.wte.weight.numel())
         attention = 12 * config.n_layer * config.n_head * config.head_dim * block_size
         self.flops_per_token, self.block_size = 6 * n_params + attention, block_size
         self.peak = peak_flops(device, dtype)
         self.t_start, self.first_step, self.max_iters = time.time(), first_step, max_iters
 
     def update(self, record, step, dt, n_tokens, n_samples):
-        """Adds tok_per_s (and mfu) to the step's record; returns the line's tail."""
+        """Adds tok_per_s (and mfu) to the step's record; returns the line's tail. n_samples: those the step trained
+        on (forward and backward; MidRanking's dropped samples are only scored), for the MFU."""
         record["tok_per_s"] = n_tokens / dt
         eta = (time.time() - self.t_start) / (step + 1 - self.first_step) * (self.max_iters - step - 1)
         mfu = ""
-        if self.peak:  # an ERM step's FLOPs over the effective batch, against the GPUs' dense bf16 peak
+        if self.peak:  # the trained samples' training FLOPs (padded to block_size), against the GPUs' dense bf16 peak
             record["mfu"] = self.flops_per_token * n_samples * self.block_size / dt / (self.peak * world()[1])
             mfu = f" | MFU {record['mfu']:.1%}"
         return f"{n_tokens / dt / 1e3:.1f}k tok/s{mfu} | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min"

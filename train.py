@@ -350,8 +350,8 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
     eval_set = np.sort(np.random.default_rng(0).permutation(len(val_data["start"]))[:args.eval_samples])
     val_loss, last_eval = None, (step if args.init_from == "resume" else None)
     stop = runtime.StopSignal()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
-    progress = runtime.Progress(raw_model.config, raw_model.num_params(), args.block_size, device,
-                                runtime.pick_dtype(args.dtype, device), step, args.max_iters)
+    progress = runtime.Progress(raw_model, args.block_size, device, runtime.pick_dtype(args.dtype, device), step,
+                                args.max_iters)
     checkpoint = functools.partial(runtime.save_run, raw_model, optimizer, scaler, device, args,  # all ranks call
                                    tokenizer=prepare_data.tokenizer_id(train_data["meta"]))
 
@@ -388,7 +388,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
         if args.method == "irdro":
             record["tilted"] = reweight.tilted_loss(losses, args.tau).item()
         n_tokens = int((train_data["end"][samples] - train_data["start"][samples] - 1).sum())  # targets, all ranks
-        tail = progress.update(record, step, dt, n_tokens, n)
+        tail = progress.update(record, step, dt, n_tokens, int((w > 0).sum()))  # MFU: the samples trained on
         log.record(record, runtime.step_line(record, args.max_iters, n, tail))
         log.weights(dict(step=step, loss=losses.tolist(), weight=w.tolist(), doc=docs.tolist()))
         step += 1

@@ -180,3 +180,16 @@ def test_a_method_added_in_reweight_is_exact_under_torchrun(tmp_path):
         assert torch.allclose(got[fn.__name__]["w"], w_ref, atol=1e-6)
         for g, r in zip(got[fn.__name__]["grads"], ref):
             assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_with_a_sharded_untied_head_takes_the_steps_of_one_process(tiny_llama_data, tiny_llama_ckpt, tmp_path):
+    """A LLaMA checkpoint (untied head): under FSDP the head is a unit of its own and the chunked loss is its
+    forward; in chunks of 5 tokens (several per sample), the steps equal one process's."""
+    flags = ["--pretrained", str(tiny_llama_ckpt), "--data", str(tiny_llama_data), "--block_size", "32",
+             "--eval_samples", "8", "--device", "cpu", "--no-compile", "--loss_chunk", "5", "--lr", "1e-3",
+             "--weight_decay", "0.1", "--batch_size", "2"] + METHODS["irdro"] + STEPS
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(flags + ["--grad_accum", "4", "--out_dir", str(one)])
+    res = torchrun(flags + ["--grad_accum", "2", "--out_dir", str(two), "--fsdp"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(one, two, atol=3e-5)

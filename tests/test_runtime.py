@@ -139,3 +139,25 @@ def test_optimizer_step_clips_and_reports_a_float16_overflow():
     scaler.scale(p.sum() * float("inf")).backward()
     assert not runtime.optimizer_step(opt, scaler, [p], grad_clip=1.0)  # skipped, scale halved
     assert torch.allclose(p.data, -torch.tensor([0.6, 0.8, 0.0])) and scaler.get_scale() == 2.0
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
+                                       ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                       ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12),
+                                       ("NVIDIA L40", None), ("Tesla T4", 65e12), ("NVIDIA GeForce RTX 4090", None)])
+def test_gpu_peaks_match_whole_names(name, peak):
+    assert runtime.peak_of(name) == peak  # "L40" is not an L4: no MFU rather than a wrong one
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_mfu_counts_the_parameters_in_matmuls_and_the_samples_trained(tie):
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, tie_embeddings=tie))
+    progress = runtime.Progress(model, 16, torch.device("cpu"), "bfloat16", 0, 10)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # head included
+    others = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("weight") or ".ln_" in n)
+    assert progress.flops_per_token == 6 * (matmul + others) + 12 * 2 * 2 * 16 * 16  # no token or position table
+    progress.peak = 1e12  # as on a GPU: MFU of 3 samples trained (of 8 in the batch) in one second
+    record = {}
+    progress.update(record, 0, 1.0, 8 * 16, 3)
+    assert record["mfu"] == pytest.approx(progress.flops_per_token * 3 * 16 / 1e12)
