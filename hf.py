@@ -8,6 +8,7 @@ public functions: checkpoint_folder, load_pretrained, save_pretrained and export
 for transformers and lm-evaluation-harness, tokenizer included).
 """
 
+import functools
 import json
 import shutil
 import sys
@@ -200,7 +201,7 @@ HUB_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 def checkpoint_folder(name_or_dir):
     """A local folder as it is; a hub name is downloaded when online: its config and tokenizer files and its
-    weights, as safetensors where it has them, else as pytorch_model.bin (read_weights' order, never both)."""
+    weights, as safetensors where it has them, else as pytorch_model.bin (weight_files' order, never both)."""
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -220,51 +221,84 @@ def checkpoint_folder(name_or_dir):
                                 f"offline, download the checkpoint elsewhere and pass its local folder") from e
 
 
-def read_weights(folder):
-    """All tensors of a checkpoint folder: (sharded) safetensors, else (sharded) pytorch_model.bin."""
-    from safetensors.torch import load_file
-    for stem, load in (("model.safetensors", load_file),
-                       ("pytorch_model.bin", lambda f: torch.load(f, map_location="cpu", weights_only=True))):
+def weight_files(folder):
+    """{stored tensor name: its file} of a checkpoint folder: (sharded) safetensors, else (sharded)
+    pytorch_model.bin."""
+    for stem in ("model.safetensors", "pytorch_model.bin"):
         index = folder / f"{stem}.index.json"
         if index.exists():  # sharded: the index maps every tensor to its shard
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (folder / stem).exists():
-            files = [stem]
-        else:
-            continue
-        sd = {}
-        for f in files:
-            sd.update(load(str(folder / f)))
-        return sd
+            return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        if (folder / stem).exists():
+            return dict.fromkeys(mapped(folder / stem), folder / stem)
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or a sharded index) in {folder}")
+
+
+def mapped(file):
+    """A weight file's tensors as views of the file mapped into memory (mmap): a tensor's bytes are read when it is
+    used, and the mapping goes with the last view, so a loader that keeps none of them holds one group's pages at a
+    time, not the file."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # saved by torch < 1.6, not a zip file: no mmap; read whole, once (twice the memory)
+        return legacy_bin(file)
+
+
+@functools.lru_cache(maxsize=1)  # emptied by load_pretrained once it has what it needs
+def legacy_bin(file):
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def read_tensors(files, names):
+    """The tensors `names` (stored names) of a checkpoint's {name: file}, each file mapped once for them."""
+    out = {}
+    for file in dict.fromkeys(files[n] for n in names):
+        tensors = mapped(file)
+        out.update((n, tensors[n]) for n in names if files[n] == file)
+    return [out[n] for n in names]
 
 
 def load_pretrained(name_or_dir, dtype=None):
     """Load an HF GPT-2 / OPT / LLaMA-family checkpoint (a local folder or, online, a hub name) with
     our own code: config.json -> GPTConfig, weights renamed by the family's name map. The weights
-    keep their stored dtype unless `dtype` is given."""
+    keep their stored dtype unless `dtype` is given.
+
+    Memory: the weights once, in `dtype`, plus one group of tensors (q/k/v, gate/up) as read. The model is
+    built on the meta device (no random initialisation to overwrite) and given the converted tensors
+    themselves; the checkpoint's tensors are read a group at a time and dropped once converted."""
     folder = checkpoint_folder(name_or_dir)
     config = config_from_hf(json.loads((folder / "config.json").read_text()))
-    sd = {strip_prefix(k): v for k, v in read_weights(folder).items()}
-    model = GPT(config)
-    ours = model.state_dict()
+    files = weight_files(folder)
+    stored = {strip_prefix(k): k for k in files}  # base-model name -> the name in the file
+    with torch.device("meta"):  # the names and shapes of our parameters, no memory
+        ours = GPT(config).state_dict()
     loaded = {}
     for name, hf_names, transpose in name_map(config):
         if name not in ours or (name == "lm_head.weight" and config.tie_embeddings):
             continue  # a module this config does not have, or the head tied to wte
-        missing = [h for h in hf_names if h not in sd]
+        missing = [h for h in hf_names if h not in stored]
         if missing:
             raise ValueError(f"{folder}: weight {missing[0]!r} missing: not a {config.family} checkpoint "
                              f"matching its config.json, or a damaged one")
-        t = torch.cat([sd[h] for h in hf_names], dim=0) if len(hf_names) > 1 else sd[hf_names[0]]
-        t = t.t() if transpose else t
-        if t.shape != ours[name].shape:
-            raise ValueError(f"{folder}: {hf_names[0]} has shape {tuple(t.shape)}, "
+        parts = read_tensors(files, [stored[h] for h in hf_names])  # views of the files: nothing read yet
+        shape = torch.cat([p.to("meta") for p in parts], dim=0).shape  # (on meta: the shape alone)
+        shape = shape[::-1] if transpose else shape
+        if shape != ours[name].shape:
+            raise ValueError(f"{folder}: {hf_names[0]} has shape {tuple(shape)}, "
                              f"config.json implies {tuple(ours[name].shape)}")
+        dtype = dtype or parts[0].dtype  # (unless given: the stored dtype of the first tensor, for all of them)
+        # the parts read and converted straight into the tensor we keep: no temporary (a freed temporary of this
+        # size is not reused by the next aligned allocation, so each would cost memory)
+        t = torch.empty(shape, dtype=dtype)
+        for rows, part in zip((t.t() if transpose else t).split([len(p) for p in parts]), parts):
+            rows.copy_(part)
         loaded[name] = t
-    model.load_state_dict(loaded, strict=not config.tie_embeddings)  # tied: lm_head is wte
-    model.to(dtype or next(iter(loaded.values())).dtype)
-    return model
+        del parts, t
+    legacy_bin.cache_clear()
+    return GPT.from_state_dict(config, loaded)
 
 
 def save_pretrained(model, out_dir, special_ids=None):
@@ -363,9 +397,7 @@ def export(config, state_dict, out_dir, tokenizer=None):
     hub name (its own tokenizer), or None (the weights alone)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):  # no initialisation: the weights are those of `state_dict`
-        model = GPT(config)
-    model.load_state_dict(state_dict, assign=True)
+    model = GPT.from_state_dict(config, state_dict)  # no initialisation: the weights are `state_dict`'s
     special_ids = None
     if tokenizer == "gpt2":
         special_ids = write_gpt2_tokenizer(out_dir, config.block_size)

@@ -315,3 +315,18 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+    @classmethod
+    def from_state_dict(cls, config, state_dict):
+        """GPT(config) holding the tensors of `state_dict` themselves (their dtype too): built on the meta device,
+        so there is no initialisation to overwrite and no second copy of the weights. A tied head may be left out."""
+        with torch.device("meta"):
+            model = cls(config)
+        if config.tie_embeddings and "transformer.wte.weight" in state_dict:
+            state_dict = {"lm_head.weight": state_dict["transformer.wte.weight"], **state_dict}
+        model.load_state_dict(state_dict, assign=True)  # strict: a missing, unexpected or misshapen tensor fails
+        if config.tie_embeddings:  # assign gave wte and the head parameters of their own: one again
+            model.lm_head.weight = model.transformer.wte.weight
+        # the state dict covers every parameter and persistent buffer; the model has no other (nothing on meta)
+        assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+        return model

@@ -224,8 +224,8 @@ def save_checkpoint(obj, out_dir, keep_last):
 def load_checkpoint(path):
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: check --init_from / --out_dir")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    try:  # mapped (mmap), not read: a tensor is read when used, so an optimizer state not resumed never is
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # truncated or not a checkpoint at all
         raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}): resume from an older "
                          f"ckpt-*.pt beside it (copy it to ckpt.pt) or start again") from None
@@ -423,13 +423,14 @@ def set_rng_state(state, device):
 # -----------------------------------------------------------------------------
 # the run's pieces that train.py's loop takes as given: a model placed, an optimizer, a checkpoint writer
 
-def load_model(path):
-    """(our GPT, the checkpoint) from one of train.py's checkpoints."""
+def load_model(path, dtype=None):
+    """(our GPT, the checkpoint) from one of train.py's checkpoints, the weights in `dtype` (None: as saved). The
+    model holds the checkpoint's tensors themselves, not a copy of them (load_checkpoint maps the file)."""
     ckpt = load_checkpoint(path)
     try:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
+        state = {k: v.to(dtype or v.dtype) for k, v in ckpt["model"].items()}
+        model = GPT.from_state_dict(GPTConfig(**ckpt["model_args"]), state)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise ValueError(f"{path} is not a checkpoint of this code's GPT ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]}): pass a train.py out_dir") from None
     return model, ckpt

@@ -103,7 +103,7 @@ def rewrite_keys(folder, fn):
     save_file({fn(k): v for k, v in sd.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("layout", ["bare-prefix", "sharded-safetensors", "bin", "sharded-bin"])
+@pytest.mark.parametrize("layout", ["bare-prefix", "sharded-safetensors", "bin", "sharded-bin", "legacy-bin"])
 def test_checkpoint_layouts(layout, tmp_path):
     name = "opt-125m-like" if layout == "bare-prefix" else "llama-gqa-tied"
     hf = tiny_hf_model(name)
@@ -116,8 +116,8 @@ def test_checkpoint_layouts(layout, tmp_path):
     else:
         hf.config.save_pretrained(tmp_path)
         sd = hf.state_dict()
-        if layout == "bin":
-            torch.save(sd, tmp_path / "pytorch_model.bin")
+        if layout in ("bin", "legacy-bin"):  # legacy: torch < 1.6's format, which cannot be mapped (mmap)
+            torch.save(sd, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=layout == "bin")
         else:
             keys = sorted(sd)
             shards = {"pytorch_model-00001-of-00002.bin": keys[:len(keys) // 2],
@@ -130,6 +130,57 @@ def test_checkpoint_layouts(layout, tmp_path):
     x = tokens()
     with torch.no_grad():
         assert (ours.logits(x) - hf(x).logits).abs().max().item() <= 1e-4
+    assert (ours.lm_head.weight is ours.transformer.wte.weight) == ours.config.tie_embeddings
+
+
+# --- memory: a checkpoint is loaded once ------------------------------------------------------------------------
+
+LOAD_MEMORY_SCRIPT = """import sys
+sys.path.insert(0, {root!r})
+import torch
+import hf, runtime  # (what train.py has imported when it loads: torch.distributed and its checkpoint code)
+def status(key):  # bytes. Not ru_maxrss: Linux carries the parent's peak over into the child (fork, exec)
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
+hf.load_pretrained({warm!r}, dtype=torch.float32)  # torch's imports on a first meta-device build, ~70 MB once
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM (the peak RSS) starts again from here
+model = hf.load_pretrained({folder!r}, dtype=torch.float32)
+assert {{p.dtype for p in model.parameters()}} == {{torch.float32}}
+print(status("VmHWM") - before, sum(p.numel() * p.element_size() for p in model.parameters()))
+"""
+
+
+@pytest.fixture(scope="module")
+def big_llama(tmp_path_factory):
+    """A random LLaMA of 42M parameters (169 MB in float32): 12 layers, so that no tensor is more than 5% of it."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=12,
+                                      num_attention_heads=8, vocab_size=4096, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    folders = {layout: tmp_path_factory.mktemp(layout) for layout in ("sharded-float32", "bfloat16", "bin")}
+    model.save_pretrained(folders["sharded-float32"], max_shard_size="50MB")
+    model.to(torch.bfloat16).save_pretrained(folders["bfloat16"])
+    model.config.save_pretrained(folders["bin"])
+    torch.save(model.float().state_dict(), folders["bin"] / "pytorch_model.bin")
+    tiny_hf_model("llama-mha").save_pretrained(folders.setdefault("warm", tmp_path_factory.mktemp("warm")))
+    return folders
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+@pytest.mark.parametrize("layout", ["sharded-float32", "bfloat16", "bin"])
+def test_loading_a_checkpoint_holds_its_weights_once(layout, big_llama):
+    """Peak memory while loading (as float32): the weights once, plus the pages of one group of tensors as they are
+    read. Building a random float32 model and then copying the whole checkpoint into it took 2.7x the weights here
+    (1.9x from bfloat16 files)."""
+    script = LOAD_MEMORY_SCRIPT.format(root=str(ROOT), warm=str(big_llama["warm"]), folder=str(big_llama[layout]))
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    growth, weights = map(int, p.stdout.split()[-2:])
+    assert weights == 42_152_448 * 4
+    # besides 1.1x the weights: one group read (at most the embedding's 8 MiB, in the stored dtype: its pages stay
+    # mapped while it is copied) and 8 MiB of library code first paged in (4-6 MiB measured)
+    allowance = 4096 * 512 * {"bfloat16": 2}.get(layout, 4) + 8 * 2**20
+    assert growth <= 1.1 * weights + allowance, (growth / weights, layout)
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
@@ -326,7 +377,7 @@ ELSE = {"README.md", "flax_model.msgpack", "tf_model.h5", "original/consolidated
     ({"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
       "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"},
      {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-      "pytorch_model.bin.index.json"}),  # (an index is a small json: harmless, read_weights prefers safetensors)
+      "pytorch_model.bin.index.json"}),  # (an index is a small json: harmless, weight_files prefers safetensors)
     ({"pytorch_model.bin"}, {"pytorch_model.bin"}),
     ({"pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"},
      {"pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"}),

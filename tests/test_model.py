@@ -156,3 +156,22 @@ def test_decay_all_is_the_official_optimizer():
         assert torch.allclose(a, b, rtol=0, atol=1e-7), name
     with pytest.raises(ValueError, match="matrices or all"):
         ours.configure_optimizer(0.01, 1e-3, (0.9, 0.999), "cpu", "biases")
+
+
+# --- building from a state dict (loading): no initialisation, no second copy -------------------------------
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_from_state_dict_holds_the_given_tensors_and_reties_the_head(tied):
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32, tie_embeddings=tied)
+    sd = {k: v.to(torch.bfloat16) for k, v in GPT(config).state_dict().items()}
+    if tied:
+        del sd["lm_head.weight"]  # a tied head may be left out (Hugging Face files do)
+    model = GPT.from_state_dict(config, sd)
+    for name, p in model.named_parameters():
+        assert p.data_ptr() == sd[name].data_ptr() and p.dtype == torch.bfloat16, name  # the tensors themselves
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    with pytest.raises(RuntimeError, match="Missing key"):
+        GPT.from_state_dict(config, {k: v for k, v in sd.items() if "ln_f" not in k})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        GPT.from_state_dict(config, dict(sd, **{"transformer.ln_f.weight": torch.ones(3)}))

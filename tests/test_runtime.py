@@ -161,3 +161,18 @@ def test_mfu_counts_the_parameters_in_matmuls_and_the_samples_trained(tie):
     record = {}
     progress.update(record, 0, 1.0, 8 * 16, 3)
     assert record["mfu"] == pytest.approx(progress.flops_per_token * 3 * 16 / 1e12)
+
+
+def test_load_model_holds_the_checkpoints_tensors_in_the_dtype_asked(tmp_path):
+    """No second copy of the weights: the model is built on the meta device and given the checkpoint's tensors."""
+    from dataclasses import asdict
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    torch.save(dict(model=model.state_dict(), model_args=asdict(model.config)), tmp_path / "ckpt.pt")
+    loaded, ckpt = runtime.load_model(tmp_path / "ckpt.pt")
+    for name, p in loaded.named_parameters():
+        assert p.data_ptr() == ckpt["model"][name].data_ptr() and torch.equal(p, model.state_dict()[name]), name
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    loaded, _ = runtime.load_model(tmp_path / "ckpt.pt", torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
