@@ -171,6 +171,9 @@ def check(args, size, distributed):
     if args.fsdp and not distributed:
         raise ValueError("--fsdp shards the model over torchrun's processes: launch with "
                          "torchrun --nproc_per_node N train.py --fsdp ... (N = 1 works too)")
+    if args.fsdp and runtime.pick_device(args.device).type == "cpu" and not runtime.FSDP_ON_CPU:
+        raise ValueError(f"--fsdp on CPU needs torch >= 2.7 (this is {torch.__version__}): drop --fsdp (DDP), "
+                         "or run on a GPU")
     if args.fsdp and runtime.pick_dtype(args.dtype, runtime.pick_device(args.device)) == "float16":
         raise ValueError("--fsdp does not support float16 loss scaling here: use --dtype bfloat16 or float32")
     for flag in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_samples", "keep_last"):

@@ -85,6 +85,10 @@ def finish(distributed):
         HELD.popitem()[1].close()
 
 
+# FSDP2 (fully_shard) runs on CUDA from torch 2.6, on CPU (gloo) from 2.7: 2.6's lacks the CPU stream no-ops it calls
+FSDP_ON_CPU = torch.torch_version.TorchVersion(torch.__version__) >= (2, 7)
+
+
 def shard_or_move(model, device, dtype, fsdp):
     """FSDP2: every block is a unit whose parameters are gathered just before use and freed after (compute
     in `dtype`, gradients reduced in float32); otherwise the whole model moves to the device."""

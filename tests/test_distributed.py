@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import runtime
 import train
 
 ROOT = train.Path(train.__file__).parent
@@ -48,8 +49,12 @@ def assert_same_run(a, b, atol):
         assert torch.allclose(torch.tensor(ra["weight"]), torch.tensor(rb["weight"]), atol=1e-5)
 
 
+needs_fsdp_on_cpu = pytest.mark.skipif(not runtime.FSDP_ON_CPU, reason="FSDP2 on CPU needs torch >= 2.7")
+
+
 # FSDP runs the two methods that touch gradients between micro-batches (irdro) or skip a rank's backward
-@pytest.mark.parametrize("method,shard", [(m, "ddp") for m in METHODS] + [("irdro", "fsdp"), ("midrank_one", "fsdp")])
+@pytest.mark.parametrize("method,shard", [(m, "ddp") for m in METHODS] + [
+    pytest.param("irdro", "fsdp", marks=needs_fsdp_on_cpu), pytest.param("midrank_one", "fsdp", marks=needs_fsdp_on_cpu)])
 def test_two_processes_take_the_steps_of_one(method, shard, tiny_flags, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     train.main(tiny_flags + METHODS[method] + STEPS + ["--batch_size", "2", "--grad_accum", "4", "--out_dir", str(one)])
@@ -66,6 +71,7 @@ def test_two_processes_take_the_steps_of_one(method, shard, tiny_flags, tmp_path
         assert all(sum(w > 0 for w in r["weight"]) == 1 for r in read_jsonl(two / "weights.jsonl"))
 
 
+@needs_fsdp_on_cpu
 def test_resume_across_world_sizes(tiny_flags, tmp_path):
     """FSDP on 2 processes for 2 steps, DDP on 2 processes for 1 more, 1 process for the last:
     the same as 4 steps in 1 process. Checkpoints hold the full state, whatever wrote them."""
@@ -134,6 +140,13 @@ def test_fsdp_needs_torchrun(tiny_flags, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "torchrun" in err
+
+
+def test_fsdp_on_cpu_before_torch_2_7_is_refused(tiny_flags, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "FSDP_ON_CPU", False)  # what torch 2.6 says
+    args = train.cli.get_args(tiny_flags + ["--fsdp", "--out_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--fsdp on CPU needs torch >= 2.7"):
+        train.cli.check(args, 2, distributed=True)
 
 
 CUSTOM_METHOD_SCRIPT = """import os, sys
