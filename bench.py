@@ -6,15 +6,20 @@ model, data and effective batch (with gradient accumulation), and their ratios t
     python bench.py --batch_size 8 --grad_accum 4 --steps 20
     python bench.py --vs-hf                  # our training step vs transformers' on OPT / LLaMA shapes
     python bench.py --vs-nanogpt ../nanoGPT  # nanoGPT's CPU quick start vs our default run, back to back
+    python bench.py --loss 2048,256,128256   # the per-sample loss alone: full logits, ours, torch's
 
 Methods are interleaved step by step (mean, erm, midrank, irdro, mean, ...) so that a slow moment of the
 machine hits all of them alike; the median step time of each is reported. "mean" is the plain step with no
 weights at all (loss.mean() of each micro-batch, backward): the floor that the methods' steps are held to.
 
---vs-hf times the training step (forward, per-sample loss, backward) of our model and of transformers'
-on the same random OPT-125m-shaped and LLaMA-shaped checkpoints and inputs. Each side runs in a fresh
-process that loads the checkpoint from disk, so that its peak memory (max RSS on CPU, max allocated on
-CUDA) is its own.
+--vs-hf times the training step (per-sample loss, IR-DRO weights, backward, optimizer step) of our model (with
+AdamW, and with torchao's AdamW8bit where installed) and of transformers' (its logits, the per-sample loss from
+them, the official torch.optim.AdamW) on the same random OPT-125m and Llama-3-vocabulary checkpoints and inputs.
+Each side also runs in a fresh process that loads the checkpoint from disk, so that its memory (max RSS on CPU,
+max allocated on CUDA, above what the process held before loading) is its own.
+
+--loss T,C,V times the per-sample loss alone, forward and backward, in its three forms: from full logits, ours
+(loss.py, chunked) and torch's F.linear_cross_entropy (torch 2.13+), each in a process of its own for its memory.
 
 --vs-nanogpt DIR runs, in a clone of https://github.com/karpathy/nanoGPT, the CPU quick start of its README
 (train_shakespeare_char at 4 layers of 128, block 64, batch 12, 2000 iterations, dropout 0, no compile) on our
@@ -45,7 +50,7 @@ import prepare_data
 import reweight
 import runtime
 import train
-from model import GPT
+from model import GPT, per_sample_cross_entropy
 
 
 def main():
@@ -58,9 +63,17 @@ def main():
     p.add_argument("--vs-hf", dest="vs_hf", action="store_true", help="ours vs transformers, see above")
     p.add_argument("--vs-hf-worker", dest="worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--vs-nanogpt", dest="nanogpt", default=None, metavar="DIR", help="a nanoGPT clone, see above")
+    p.add_argument("--loss", dest="loss_shape", default=None, metavar="TOKENS,WIDTH,VOCAB", help="the per-sample "
+                   "loss alone (forward and backward) of that shape: full logits, ours (loss.py) and torch's "
+                   "F.linear_cross_entropy (torch 2.13+), e.g. 2048,256,128256")
+    p.add_argument("--loss-worker", dest="loss_worker", default=None, help=argparse.SUPPRESS)
     args = cli.get_args(parser=p)
     if args.nanogpt:
         return vs_nanogpt(Path(args.nanogpt))
+    if args.loss_worker:
+        return loss_worker(args)
+    if args.loss_shape:
+        return vs_loss(args)
     if args.worker:
         return vs_hf_worker(args)
     if args.vs_hf:
@@ -176,74 +189,177 @@ def vs_nanogpt(clone, ours_flags=("--method", "irdro", "--tau", "1.0")):
 def hf_shapes():
     import transformers  # only the benchmark needs it
     return {
-        "OPT-125m": transformers.OPTConfig(),  # the defaults are opt-125m: 768 wide, 12 layers, vocab 50272
-        "LLaMA 768x12, GQA 12/4": transformers.LlamaConfig(
-            hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+        "OPT-125m": transformers.OPTConfig(),  # the defaults are opt-125m: 768 wide, 12 layers, vocab 50272, tied
+        "Llama-3 vocabulary, 4 x 512, GQA 8/2": transformers.LlamaConfig(  # 143M parameters, 92% of them in the
+            hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,  # untied tables
+            num_key_value_heads=2, vocab_size=128256, max_position_embeddings=2048, rope_theta=500000.0),
     }
+
+
+SIDES = {"ours": "ours, AdamW", "ours-8bit": "ours, AdamW8bit", "hf": "transformers, AdamW"}  # 8bit: torchao
 
 
 def vs_hf(args):
     import transformers
-    print(f"training step (forward, per-sample loss, backward), batch {args.batch_size} x {args.block_size} "
-          f"tokens, {args.device} {args.dtype}: median of {args.steps} steps after {args.warmup}, the two "
-          f"models alternating step by step; peak memory of each in a process of its own")
+    print(f"training step (per-sample loss, IR-DRO weights, backward, optimizer step), batch {args.batch_size} x "
+          f"{args.block_size} tokens, {args.device} {args.dtype}: median of {args.steps} steps after {args.warmup}, "
+          f"the sides alternating step by step; memory of each in a process of its own, above what the process "
+          f"held before loading (torch and transformers imported)")
+    sides = [s for s in SIDES if s != "ours-8bit" or has_torchao()]
     for name, config in hf_shapes().items():
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(0)
             transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
             res = {}
-            for sides in ("ours", "hf", "ours,hf"):
-                out = subprocess.run([sys.executable, __file__, "--vs-hf-worker", f"{sides}:{tmp}"] + sys.argv[1:],
-                                     capture_output=True, text=True, check=True).stdout
-                res[sides] = json.loads(out.strip().splitlines()[-1])
-        t, o, h = res["ours,hf"]["ms"], res["ours"]["peak_mib"], res["hf"]["peak_mib"]
-        tokens = args.batch_size * args.block_size
-        print(f"{name:24s} ours {tokens / t['ours'] * 1e3:6.0f} tok/s, peak {o:6.0f} MiB | transformers "
-              f"{tokens / t['hf'] * 1e3:6.0f} tok/s, peak {h:6.0f} MiB | speed {t['hf'] / t['ours']:.2f}x, "
-              f"memory {o / h:.2f}x")
+            for job in sides + [",".join(sides)]:
+                out = subprocess.run([sys.executable, __file__, "--vs-hf-worker", f"{job}:{tmp}"] + sys.argv[1:],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"bench.py: the {job} worker failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+                res[job] = json.loads(out.stdout.strip().splitlines()[-1])
+        ms, tokens, hf_peak = res[",".join(sides)]["ms"], args.batch_size * args.block_size, res["hf"]["peak"]
+        print(f"{name} ({res['hf']['params'] / 1e6:.0f}M parameters, {res['hf']['weights'] / 2**30:.2f} GiB of "
+              f"float32 weights):")
+        for side in sides:
+            r = res[side]
+            print(f"  {SIDES[side]:20s} {ms[side]:7.0f} ms/step ({tokens / ms[side] * 1e3:5.0f} tok/s, "
+                  f"{ms[side] / ms['hf']:.2f}x transformers' time) | loading {r['load'] / 2**30:.2f} GiB "
+                  f"({r['load'] / r['weights']:.2f}x the weights) | step peak {r['peak'] / 2**30:.2f} GiB "
+                  f"({r['peak'] / hf_peak:.2f}x transformers')")
+
+
+def has_torchao():
+    import importlib.util
+    return importlib.util.find_spec("torchao") is not None
+
+
+def ours_optimizer(model, side, device):
+    """The --pretrained recipe's AdamW (GPT.configure_optimizer), or torchao's AdamW8bit (8-bit moments) over the
+    same parameter groups: the low-memory choice, measured here before train.py has a flag for it."""
+    opt = model.configure_optimizer(0.01, 2e-6, (0.9, 0.999), device.type, "all")
+    if side == "ours-8bit":
+        from torchao.optim import AdamW8bit
+        opt = AdamW8bit(opt.param_groups, lr=2e-6, betas=(0.9, 0.999))
+    return opt
+
+
+def max_rss():
+    """The most resident memory this process has held so far (CPU), in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss():
+    """This process's resident memory now (CPU), in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def vs_hf_worker(args):
-    """Time the training step of one or both sides ('ours', 'hf', 'ours,hf') on one checkpoint folder."""
-    sides, folder = args.worker.split(":", 1)
+    """One or more sides ('ours', 'ours-8bit', 'hf', comma-separated) on one checkpoint folder: each loaded, then
+    trained step by step in turn. Prints one JSON line: median ms per side, and (for a lone side) memory."""
+    import transformers
+    jobs, folder = args.worker.split(":", 1)
     device = runtime.pick_device(args.device)
     dtype = runtime.pick_dtype(args.dtype, device)
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
-    models, step_loss = {}, {}
-    for side in sides.split(","):
-        if side == "ours":
-            models[side] = hf.load_pretrained(folder, dtype=torch.float32)
-            step_loss[side] = lambda m, x, y: m(x, y)[1]
-        else:
-            import transformers
-            from model import per_sample_cross_entropy
-            models[side] = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-            step_loss[side] = lambda m, x, y: per_sample_cross_entropy(m(x).logits, y)
-        models[side] = models[side].to(device).train()
-        if args.compile:
-            models[side] = torch.compile(models[side])
+    cuda = device.type == "cuda"
     g = torch.Generator().manual_seed(0)
     x = torch.randint(1000, (args.batch_size, args.block_size), generator=g).to(device)
     y = torch.roll(x, -1, dims=1)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
+    before = torch.cuda.memory_allocated() if cuda else rss()
+    models, optimizers, losses = {}, {}, {}
+    for side in jobs.split(","):
+        if side.startswith("ours"):
+            model = hf.load_pretrained(folder, dtype=torch.float32)
+            losses[side] = lambda m, x, y: m(x, y)[1]
+            # the --pretrained recipe: lr 2e-6, betas (0.9, 0.999), weight decay 0.01 on every parameter
+            optimizers[side] = lambda m, s=side: ours_optimizer(m, s, device)
+        else:  # transformers' model, the loss per sample from its logits, the official torch.optim.AdamW
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            losses[side] = lambda m, x, y: per_sample_cross_entropy(m(x).logits, y)
+            optimizers[side] = lambda m: torch.optim.AdamW(m.parameters(), lr=2e-6)
+        models[side] = model.to(device).train()
+        optimizers[side] = optimizers[side](models[side])
+        if args.compile:
+            models[side] = torch.compile(models[side])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    loaded = torch.cuda.max_memory_allocated() if cuda else max_rss()  # the peak while loading
+    if cuda:  # the step's own peak, not the loading's
         torch.cuda.reset_peak_memory_stats()
     times = {side: [] for side in models}
     for k in range(args.warmup + args.steps):
-        for side, model in models.items():  # alternating: a slow spell of the machine hits both
+        for side, model in models.items():  # alternating: a slow spell of the machine hits every side
             sync()
             t0 = time.perf_counter()
             with ctx:
-                loss = step_loss[side](model, x, y)
-            loss.mean().backward()
-            model.zero_grad(set_to_none=True)
+                loss = losses[side](model, x, y)
+            w = reweight.weights(loss.detach(), "irdro", tau=1.0)
+            (w * loss).sum().backward()
+            optimizers[side].step()
+            optimizers[side].zero_grad(set_to_none=True)
+            del loss
             sync()
             if k >= args.warmup:
                 times[side].append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps(dict(ms={s: statistics.median(t) * 1e3 for s, t in times.items()}, peak_mib=peak / 2**20)))
+    peak = torch.cuda.max_memory_allocated() if cuda else max_rss()
+    params = sum(p.numel() for p in next(iter(models.values())).parameters())
+    print(json.dumps(dict(ms={s: statistics.median(t) * 1e3 for s, t in times.items()}, load=loaded - before,
+                          peak=peak - before, params=params, weights=4 * params)))
+
+
+# --- the per-sample loss alone ------------------------------------------------
+
+LOSSES = {"full logits": "per_sample_cross_entropy(h @ W.T) (the plain form)", "ours": "loss.py, chunked",
+          "torch": "F.linear_cross_entropy(reduction='none', options=LinearCrossEntropyOptions())"}
+
+
+def vs_loss(args):
+    """Time and peak memory of the per-sample loss's forward and backward, each form in a process of its own."""
+    T, C, V = (int(v) for v in args.loss_shape.split(","))
+    forms = [f for f in LOSSES if f != "torch" or hasattr(torch.nn.functional, "linear_cross_entropy")]
+    print(f"per-sample loss, forward + backward under random per-sample weights: {T} tokens (4 samples), width {C}, "
+          f"vocabulary {V}, {args.device} float32; median of {args.steps} after {args.warmup}; memory above the "
+          f"inputs, in a process of its own")
+    res = {}
+    for form in forms:
+        out = subprocess.run([sys.executable, __file__, "--loss-worker", form] + sys.argv[1:], capture_output=True,
+                             text=True)
+        if out.returncode:
+            sys.exit(f"bench.py: the {form} worker failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        res[form] = json.loads(out.stdout.strip().splitlines()[-1])
+    for form in forms:
+        r, full = res[form], res["full logits"]
+        print(f"  {form:12s} {r['ms']:8.0f} ms ({r['ms'] / full['ms']:.2f}x full logits) | peak "
+              f"{r['peak'] / 2**30:.2f} GiB ({r['peak'] / full['peak']:.2f}x) | {LOSSES[form]}")
+
+
+def loss_worker(args):
+    from loss import chunked_per_sample_cross_entropy
+    T, C, V = (int(v) for v in args.loss_shape.split(","))
+    device = runtime.pick_device(args.device)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, T // 4, C, generator=g).to(device).requires_grad_()
+    W = (torch.randn(V, C, generator=g) * 0.02).to(device).requires_grad_()
+    y = torch.randint(V, (4, T // 4), generator=g).to(device)
+    w = torch.rand(4, generator=g).to(device)
+    forms = {
+        "full logits": lambda: per_sample_cross_entropy(h @ W.t(), y),
+        "ours": lambda: chunked_per_sample_cross_entropy(h, W, y, None, max(1, 2 ** 25 // V)),
+        "torch": lambda: torch.nn.functional.linear_cross_entropy(
+            h.flatten(0, 1), W, y.flatten(), reduction="none", ignore_index=-1,
+            options=torch.nn.LinearCrossEntropyOptions()).view(4, -1).mean(1)}
+    cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated() if cuda else rss()
+    times = []
+    for k in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        (w * forms[args.loss_worker]()).sum().backward()
+        h.grad = W.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if cuda else max_rss()
+    print(json.dumps(dict(ms=statistics.median(times[args.warmup:]) * 1e3, peak=peak - before)))
 
 
 if __name__ == "__main__":

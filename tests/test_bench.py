@@ -54,3 +54,12 @@ def test_vs_nanogpt_refuses_a_folder_that_is_not_a_clone(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--vs-nanogpt", str(tmp_path)],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "is not a nanoGPT clone" in p.stderr and "git clone" in p.stderr
+
+
+def test_the_loss_bench_measures_each_form_in_its_own_process():
+    p = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--loss", "64,8,300", "--steps", "1", "--warmup", "0",
+                        "--device", "cpu"], capture_output=True, text=True, check=True)
+    rows = [line.split() for line in p.stdout.splitlines()[1:]]
+    assert [r[0] for r in rows][:2] == ["full", "ours"] and len(rows) == 2 + hasattr(__import__("torch").nn.functional,
+                                                                                       "linear_cross_entropy")
+    assert all(float(r[2 if r[0] == "full" else 1]) > 0 for r in rows)  # ms per step

@@ -195,6 +195,7 @@ def test_a_method_added_in_reweight_is_exact_under_torchrun(tmp_path):
             assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
 
 
+@needs_fsdp_on_cpu
 def test_fsdp_with_a_sharded_untied_head_takes_the_steps_of_one_process(tiny_llama_data, tiny_llama_ckpt, tmp_path):
     """A LLaMA checkpoint (untied head): under FSDP the head is a unit of its own and the chunked loss is its
     forward; in chunks of 5 tokens (several per sample), the steps equal one process's."""
