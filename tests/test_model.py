@@ -141,8 +141,8 @@ def test_decay_all_is_the_official_optimizer():
     """--decay_params all: the steps of torch.optim.AdamW(model.parameters(), lr) with torch's defaults
     (betas 0.9, 0.999, weight decay 0.01), as the official code builds it."""
     torch.manual_seed(0)
-    # float64: our optimizer is torch's fused kernel on CPU, the official one its per-tensor loop; the same steps,
-    # rounded differently (Adam amplifies the rounding of gradient entries near eps), equal in float64
+    # float64: where the two kernels differ (fused on CUDA), the same steps round differently (Adam amplifies the
+    # rounding of gradient entries near eps); in float64 they agree
     ours = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32)).double()
     official = GPT(ours.config).double()
     official.load_state_dict(ours.state_dict())
