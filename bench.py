@@ -50,7 +50,7 @@ import prepare_data
 import reweight
 import runtime
 import train
-from model import GPT, per_sample_cross_entropy
+from model import GPT, LOGITS_PER_CHUNK, per_sample_cross_entropy
 
 
 def main():
@@ -344,7 +344,7 @@ def loss_worker(args):
     w = torch.rand(4, generator=g).to(device)
     forms = {
         "full logits": lambda: per_sample_cross_entropy(h @ W.t(), y),
-        "ours": lambda: chunked_per_sample_cross_entropy(h, W, y, None, max(1, 2 ** 25 // V)),
+        "ours": lambda: chunked_per_sample_cross_entropy(h, W, y, None, max(1, LOGITS_PER_CHUNK // V)),  # GPT's
         "torch": lambda: torch.nn.functional.linear_cross_entropy(
             h.flatten(0, 1), W, y.flatten(), reduction="none", ignore_index=-1,
             options=torch.nn.LinearCrossEntropyOptions()).view(4, -1).mean(1)}

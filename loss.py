@@ -92,11 +92,9 @@ class TokenCrossEntropy(torch.autograd.Function):
                 dz = dz.to(w.dtype)
                 if grad_h is not None:
                     grad_h[s:s + chunk] = dz @ w
-                if grad_w is None:
-                    pass
-                elif dz.dtype == acc:  # summed in place: no (V, C) temporary per chunk
+                if grad_w is not None and dz.dtype == acc:  # summed in place: no (V, C) temporary per chunk
                     grad_w.addmm_(dz.t(), hc.to(acc))
-                else:  # bf16 matmul, summed in float32
+                elif grad_w is not None:  # bf16 matmul, summed in float32
                     grad_w += (dz.t() @ hc.to(w.dtype)).to(acc)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
