@@ -234,13 +234,10 @@ def has_torchao():
 
 
 def ours_optimizer(model, side, device):
-    """The --pretrained recipe's AdamW (GPT.configure_optimizer), or torchao's AdamW8bit (8-bit moments) over the
-    same parameter groups: the low-memory choice, measured here before train.py has a flag for it."""
-    opt = model.configure_optimizer(0.01, 2e-6, (0.9, 0.999), device.type, "all")
-    if side == "ours-8bit":
-        from torchao.optim import AdamW8bit
-        opt = AdamW8bit(opt.param_groups, lr=2e-6, betas=(0.9, 0.999))
-    return opt
+    """The --pretrained recipe's AdamW (GPT.configure_optimizer, as train.py builds it), with --optim adamw8bit for
+    the low-memory side (torchao's AdamW8bit: 8-bit moments)."""
+    return model.configure_optimizer(0.01, 2e-6, (0.9, 0.999), device.type, "all",
+                                     "adamw8bit" if side == "ours-8bit" else "adamw")
 
 
 def max_rss():

@@ -92,6 +92,11 @@ def build_parser(description="Train a GPT with per-sample losses reweighted by E
     a("--beta1", type=float, default=0.9, help="AdamW beta1")
     a("--beta2", type=float, default=None, help=f"AdamW beta2 {by_mode('beta2')}")
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    a("--optim", default="adamw", choices=("adamw", "adamw8bit"), help="adamw: torch's, float32 moments (8 bytes "
+      "per parameter); adamw8bit: torchao's, 8-bit moments (~2 bytes; pip install torchao)")
+    a("--param_dtype", default="float32", choices=("float32", "bfloat16"), help="the weights and gradients: float32 "
+      "(8 bytes per parameter) or bfloat16 (4 bytes, computed in bfloat16, updated with stochastic rounding so that "
+      "small updates are kept in expectation; torchao). Low-memory choices: docs/memory.md")
     a = p.add_argument_group("run and output").add_argument
     a("--out_dir", default="out/{run}", help="where checkpoints and logs go; {run} is replaced by the method and "
       "its settings (out/irdro-tau1.0, out/midrank-skip0.125-keep0.5, out/erm), {method} by the method")
@@ -153,6 +158,8 @@ def get_args(argv=None, parser=None):
         device = runtime.pick_device(args.device)
     except ValueError as e:
         parser.error(str(e))
+    if args.param_dtype == "bfloat16" and args.dtype == "auto":  # bf16 weights: bf16 compute (float32 on CPU else)
+        args.dtype = "bfloat16"
     args.compile = args.compile is True or (args.compile == "auto" and device.type == "cuda")
     return args
 
@@ -188,6 +195,8 @@ def check(args, size, distributed):
     for flag in ("beta1", "beta2", "dropout"):
         if not 0 <= getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
+    if (args.optim, args.param_dtype) != ("adamw", "float32"):
+        check_low_memory(args)
     if args.overwrite and args.init_from == "resume":
         raise ValueError("--overwrite replaces the run in --out_dir, --init_from resume continues it: pass one")
     n = args.batch_size * args.grad_accum * size
@@ -198,6 +207,20 @@ def check(args, size, distributed):
             import wandb  # noqa: F401  (optional: never required)
         except ImportError:
             raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb") from None
+
+
+def check_low_memory(args):
+    """--optim adamw8bit and --param_dtype bfloat16 need torchao, and bfloat16 weights compute in bfloat16."""
+    import importlib.util
+    flags = " ".join(f"--{k} {getattr(args, k)}" for k in ("optim", "param_dtype") if getattr(args, k) not in (
+        "adamw", "float32"))
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError(f"{flags} needs torchao: pip install torchao, or drop {flags}")
+    if args.fsdp:  # FSDP2 shards 16 bytes per parameter over the processes instead; the two are not tested together
+        raise ValueError(f"{flags} is not supported with --fsdp here, which shards weights, gradients and optimizer "
+                         "state already: drop one of the two")
+    if args.param_dtype == "bfloat16" and args.dtype not in ("auto", "bfloat16"):
+        raise ValueError(f"--param_dtype bfloat16 computes in bfloat16, not in --dtype {args.dtype}: drop --dtype")
 
 
 def check_data(args, train_data, val_data, data_dir, size):

@@ -288,10 +288,15 @@ class GPT(nn.Module):
             x = tr.project_out(x)
         return x
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, decay="matrices"):
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, decay="matrices", optim="adamw"):
         """AdamW. decay="matrices": weight decay on matrices only (weights of Linear/Embedding), not on biases or
         norm gains, as nanoGPT; decay="all": on every parameter, as torch.optim.AdamW(model.parameters()) does
-        (the official code). The two groups stay either way, so that checkpoints of both load alike."""
+        (the official code). The two groups stay either way, so that checkpoints of both load alike.
+
+        optim="adamw8bit" keeps the two moments in 8 bits (torchao's AdamW8bit: 16 -> ~10 bytes per parameter).
+        bfloat16 weights are updated with stochastic rounding (torchao): rounded to nearest, an update below half
+        a bf16 step (lr 2e-6 on a weight of 0.02) is lost every time; rounded up with the probability of the
+        remainder, it is kept in expectation. Both compute the step in float32, as torch's AdamW does."""
         if decay not in ("matrices", "all"):
             raise ValueError(f"unknown decay {decay!r}: choose matrices or all")
         params = [p for p in self.parameters() if p.requires_grad]
@@ -299,8 +304,13 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": weight_decay if decay == "all" else 0.0},
         ]
-        # the fused CUDA kernel is one launch for all parameters instead of several per parameter
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == "cuda"))
+        bf16 = params[0].dtype == torch.bfloat16
+        if optim == "adamw" and not bf16:
+            # the fused CUDA kernel is one launch for all parameters instead of several per parameter
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == "cuda"))
+        import torchao.optim  # optional (cli.check names the pip command)
+        kind = dict(adamw=torchao.optim._AdamW, adamw8bit=torchao.optim.AdamW8bit)[optim]
+        return kind(groups, lr=learning_rate, betas=betas, bf16_stochastic_round=bf16)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -169,6 +169,31 @@ def optimizer_step(optimizer, scaler, params, grad_clip):
     return scaler.get_scale() >= scale
 
 
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:  # torchao keeps lr as a tensor, an input of its compiled step: filled
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def seed_rounding(optimizer, seed, device):
+    """bf16 stochastic rounding draws random bits in every optimizer step. Drawn from the global generator they
+    would differ between DDP ranks (seeded apart for dropout), so their replicas would drift apart, and they would
+    shift dropout's stream. Each step draws them instead from the generator seeded by (seed, the optimizer's own
+    step count, which a resumed run restores), forked so that the global one is left as it was."""
+    fork = []
+
+    def before(opt, args, kwargs):
+        steps = next(iter(opt.state.values()), {}).get("step", 0)  # a CPU tensor in torchao: no device sync
+        fork.append(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+        fork[-1].__enter__()
+        torch.manual_seed(seed * 1_000_003 + int(steps))
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: fork.pop().__exit__(None, None, None))
+
+
 # -----------------------------------------------------------------------------
 # checkpoints: the full (unsharded) state on rank 0's CPU, with parameter names as the optimizer's keys,
 # one format whatever the number of processes and with or without FSDP
@@ -440,6 +465,15 @@ def load_model(path, dtype=None):
     return model, ckpt
 
 
+def check_resume(ckpt, args, path):
+    """A resumed run's optimizer state is in the form of the saved run's --optim and --param_dtype: refused in another."""
+    for flag, default in (("optim", "adamw"), ("param_dtype", "float32")) if args.init_from == "resume" else ():
+        saved = ckpt.get("args", {}).get(flag, default)  # (checkpoints from before the flag: the default)
+        if getattr(args, flag) != saved:
+            raise ValueError(f"{path} was saved with --{flag} {saved} (its optimizer state is kept so): resume with "
+                             f"--{flag} {saved}, or start a new run from it: --init_from {path.parent} --out_dir ANOTHER")
+
+
 def place(model, ckpt, args, distributed):
     """Device, precision, sharding, AdamW, the resumed state and compilation of the model to train.
     -> (device, dtype, autocast context, loss scaler, model as trained (wrapped), optimizer, first step)"""
@@ -448,7 +482,9 @@ def place(model, ckpt, args, distributed):
     ctx, scaler = precision(dtype, device)
     raw_model, model = model, shard_or_move(model, device, dtype, args.fsdp)
     optimizer = raw_model.configure_optimizer(args.weight_decay, args.lr, (args.beta1, args.beta2), device.type,
-                                              args.decay_params)
+                                              args.decay_params, args.optim)
+    if getattr(optimizer, "bf16_stochastic_round", False):
+        seed_rounding(optimizer, args.seed, device)
     if distributed:  # the same initial weights everywhere, but each rank its own dropout masks
         torch.manual_seed(args.seed + world()[0])
     step = restore(ckpt, model, optimizer, scaler, device) if args.init_from == "resume" else 0

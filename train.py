@@ -258,22 +258,23 @@ def build_model(args, meta, data_dir):
     torch.manual_seed(args.seed)  # the model's initialisation (from scratch) and dropout
     if args.init_from != "scratch":  # one of our own runs: this one (resume) or an earlier one
         path = Path(args.out_dir if args.init_from == "resume" else args.init_from) / "ckpt.pt"
-        model, ckpt = runtime.load_model(path)
+        model, ckpt = runtime.load_model(path, getattr(torch, args.param_dtype))
+        runtime.check_resume(ckpt, args, path)
         if ckpt.get("tokenizer") != prepare_data.tokenizer_id(meta):
             raise ValueError(f"{path} was trained on {ckpt.get('tokenizer')} tokens but {data_dir} holds "
                              f"{prepare_data.tokenizer_id(meta)} tokens: prepare the data with the model's tokenizer")
     elif args.pretrained:
         folder = hf.checkpoint_folder(args.pretrained)
-        # float32 master weights: AdamW's tiny updates (lr 2e-6) would vanish in bf16 weights; the
-        # forward and backward passes still run in bf16 under autocast on GPUs
-        model = hf.load_pretrained(folder, dtype=torch.float32)
+        # float32 master weights (or bf16 ones updated with stochastic rounding): AdamW's tiny updates (lr 2e-6)
+        # would vanish in bf16 weights rounded to nearest; forward and backward run in bf16 under autocast on GPUs
+        model = hf.load_pretrained(folder, dtype=getattr(torch, args.param_dtype))
         if prepare_data.load_tokenizer(folder).fingerprint != prepare_data.tokenizer_id(meta):
             raise ValueError(f"{data_dir} was tokenized with {meta['tokenizer']}, not with the tokenizer of "
                              f"{args.pretrained}: run python prepare_data.py --tokenizer {args.pretrained} ...")
     else:
         if args.n_embd % args.n_head:
             raise ValueError(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
-        model = GPT(cli.scratch_config(args, meta["vocab_size"]))
+        model = GPT(cli.scratch_config(args, meta["vocab_size"])).to(getattr(torch, args.param_dtype))
     if args.block_size > model.config.block_size:
         raise ValueError(f"--block_size {args.block_size} exceeds the model's {model.config.block_size} positions")
     if meta["vocab_size"] > model.config.vocab_size:
@@ -371,8 +372,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
 
         t0 = time.time()
         lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        runtime.set_lr(optimizer, lr)
         samples = step_samples(args.seed, step, n, n_train)  # the global batch; this rank's share below
         own = samples[rank * n_rank:(rank + 1) * n_rank]
         batches = [get_batch(train_data, own[i:i + args.batch_size], args.block_size, device)
