@@ -64,9 +64,11 @@ class TokenCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):  # the dtypes are chosen here, explicitly
             for s in range(0, len(h), chunk):
                 z = logits(h[s:s + chunk], w, bias, acc)
-                lse[s:s + chunk] = torch.logsumexp(z, dim=1)
                 y = targets[s:s + chunk].clamp(min=0)  # ignored targets pick any logit: zeroed below
-                tok[s:s + chunk] = (lse[s:s + chunk] - z.gather(1, y[:, None]).squeeze(1)) * counted[s:s + chunk]
+                picked = z.gather(1, y[:, None]).squeeze(1)
+                lse[s:s + chunk] = logsumexp_(z)  # overwrites z: one chunk of logits is all the forward holds
+                tok[s:s + chunk] = (lse[s:s + chunk] - picked) * counted[s:s + chunk]
+                del z  # before the next chunk's logits are made, not after
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk, ctx.compute = chunk, compute
         return tok
@@ -96,11 +98,20 @@ class TokenCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(dz.t(), hc.to(acc))
                 elif grad_w is not None:  # bf16 matmul, summed in float32
                     grad_w += (dz.t() @ hc.to(w.dtype)).to(acc)
+                del dz
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
 
 def logits(h, w, bias, acc):
-    """One chunk's logits h @ w.T (+ bias), in w's dtype, returned in the accumulation dtype `acc`."""
-    z = h.to(w.dtype) @ w.t()
-    return (z if bias is None else z + bias.to(w.dtype)).to(acc)
+    """One chunk's logits h @ w.T (+ bias): the matmul in w's dtype, the result (and the bias, added in place) in
+    the accumulation dtype `acc`."""
+    z = (h.to(w.dtype) @ w.t()).to(acc)
+    return z if bias is None else z.add_(bias)
+
+
+def logsumexp_(z):
+    """Each row's log-sum-exp, max-shifted so that exp never overflows, computed in z itself (left holding
+    exp(z - max)): torch.logsumexp would allocate a temporary the size of z."""
+    top = z.amax(dim=1, keepdim=True)
+    return z.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))

@@ -20,11 +20,13 @@ from model import GPT, GPTConfig
 
 GiB, MiB = 2 ** 30, 2 ** 20
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# The loss's transient peak per logit, for the logits of `loss_chunk` tokens at a time (model.loss_chunk; 0: all the
-# micro-batch's tokens at once, whose float32 log-probabilities the plain form also keeps for the backward). loss.py's
-# chunk holds its float32 logits, a temporary of their size (log-sum-exp, then the bf16 copy for the matmuls) and,
-# under autocast, the matmul's bf16 output: 9.0 to 10.5 bytes measured (tests/test_memory.py), 12 with a margin.
-LOSS_BYTES_PER_LOGIT = 12
+# The loss's transient peak per logit. loss.py holds one chunk of `loss_chunk` tokens' logits at a time
+# (model.loss_chunk), in float32, overwritten in place by the log-sum-exp and the softmax; under autocast also the
+# matmul's bf16 output while it is cast up: 4.0 to 6.1 bytes measured (tests/test_memory.py), 8 with a margin.
+# The plain form (loss_chunk 0) holds all the micro-batch's logits three times over: the logits, the float32
+# log-probabilities cross_entropy keeps for the backward, and their gradient.
+LOSS_BYTES_PER_LOGIT = 8
+FULL_LOGITS_BYTES_PER_LOGIT = 12
 # On CUDA a run fits where need * (1 + MARGIN) <= free memory: the allocator's fragmentation, the backward pass's
 # transient gradients of activations and the kernels' workspaces are not in the arithmetic.
 MARGIN = 0.10
@@ -144,11 +146,13 @@ def weight_copy_bytes(model, run, param_bytes, compute_bytes):
 
 
 def loss_bytes(model, run, compute_bytes, chunk):
-    """The loss's transient peak: a chunk's logits (all the tokens' when chunk is 0) at LOSS_BYTES_PER_LOGIT, and
-    under autocast the chunked loss's own compute-dtype copy of the head's weight."""
+    """The loss's transient peak: a chunk's logits at LOSS_BYTES_PER_LOGIT, and under autocast the chunked loss's own
+    compute-dtype copy of the head's weight; all the tokens' logits at FULL_LOGITS_BYTES_PER_LOGIT when chunk is 0."""
     c, tokens = model.config, run.batch_size * run.block_size
-    cast = c.vocab_size * c.embd_dim * compute_bytes if chunk and run.dtype not in ("float32", run.param_dtype) else 0
-    return min(chunk or tokens, tokens) * c.vocab_size * LOSS_BYTES_PER_LOGIT + cast
+    if not chunk:
+        return tokens * c.vocab_size * FULL_LOGITS_BYTES_PER_LOGIT
+    cast = c.vocab_size * c.embd_dim * compute_bytes if run.dtype not in ("float32", run.param_dtype) else 0
+    return min(chunk, tokens) * c.vocab_size * LOSS_BYTES_PER_LOGIT + cast
 
 
 # -----------------------------------------------------------------------------
