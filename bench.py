@@ -241,8 +241,16 @@ def ours_optimizer(model, side, device):
 
 
 def max_rss():
-    """The most resident memory this process has held so far (CPU), in bytes."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The most resident memory this process has held since the last reset_peak() (CPU), in bytes (Linux's VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak():
+    """Start max_rss() afresh from the resident memory now (Linux: writing 5 to clear_refs resets VmHWM), so that a
+    phase's peak is its own, not that of an earlier one (the imports, the loading)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def rss():
@@ -264,6 +272,7 @@ def vs_hf_worker(args):
     x = torch.randint(1000, (args.batch_size, args.block_size), generator=g).to(device)
     y = torch.roll(x, -1, dims=1)
     before = torch.cuda.memory_allocated() if cuda else rss()
+    torch.cuda.reset_peak_memory_stats() if cuda else reset_peak()
     models, optimizers, losses = {}, {}, {}
     for side in jobs.split(","):
         if side.startswith("ours"):
@@ -281,8 +290,7 @@ def vs_hf_worker(args):
             models[side] = torch.compile(models[side])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     loaded = torch.cuda.max_memory_allocated() if cuda else max_rss()  # the peak while loading
-    if cuda:  # the step's own peak, not the loading's
-        torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats() if cuda else reset_peak()  # the step's own peak, not the loading's
     times = {side: [] for side in models}
     for k in range(args.warmup + args.steps):
         for side, model in models.items():  # alternating: a slow spell of the machine hits every side
@@ -347,6 +355,7 @@ def loss_worker(args):
             options=torch.nn.LinearCrossEntropyOptions()).view(4, -1).mean(1)}
     cuda = device.type == "cuda"
     before = torch.cuda.memory_allocated() if cuda else rss()
+    torch.cuda.reset_peak_memory_stats() if cuda else reset_peak()
     times = []
     for k in range(args.warmup + args.steps):
         t0 = time.perf_counter()
