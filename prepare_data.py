@@ -28,9 +28,11 @@ import functools
 import glob
 import gzip
 import hashlib
+import inspect
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 import zipfile
@@ -393,6 +395,13 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
 
 def ensure_prepared(data_dir, processes=1):
     """train.py's --data: a built-in corpus (BUILT_IN) is prepared on first use; any other folder must be ready."""
+    if data_dir.is_file():  # a corpus itself, not the folder prepare_data.py makes of it
+        out = Path("data") / default_name(str(data_dir))
+        one_text = " --sample_by paragraph" if kind(data_dir) == "text" else ""  # one document would not split
+        fix = (f"prepare it first with python prepare_data.py --dataset {shlex.quote(str(data_dir))}{one_text} "
+               f"--out_dir {shlex.quote(str(out))}, then pass --data {shlex.quote(str(out))}" if kind(data_dir) else
+               "pass the folder that prepare_data.py wrote (its --out_dir)")
+        raise FileNotFoundError(f"--data {data_dir} is a file, not a folder of prepared data: {fix}")
     if not (data_dir / "meta.json").exists():
         tokenizer = next((t for d, t in BUILT_IN.items() if d.resolve() == data_dir.resolve()), None)
         if tokenizer is None:
@@ -403,6 +412,61 @@ def ensure_prepared(data_dir, processes=1):
                                     f"{tokenizer} once, then torchrun")
         prepare(tokenizer=tokenizer, out_dir=data_dir)
     return data_dir
+
+
+def read_split(data_dir, split):
+    """A prepared split, checked: (meta, tokens, document offsets, source ids, target mask or None). Every file must
+    be there and agree with the others, so that a folder damaged after it was written (a file cut short, lost, or
+    copied from another preparation) is one line at load time, not an index error hundreds of steps into training."""
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+    except ValueError as e:  # not JSON (or not UTF-8): no command to repeat can be read from it
+        raise DataError(f"{data_dir / 'meta.json'} is damaged ({e}): prepare {data_dir} again with prepare_data.py "
+                        "(--out_dir, with the --dataset and flags that wrote it)") from None
+    again = f"prepare it again with {prepare_command(meta, data_dir)}"
+    names = [f"{split}.bin", f"{split}_docs.npz"] + [f"{split}_mask.bin"] * (meta.get("format") == "instruct")
+    bins, npz, *masks = paths = [data_dir / name for name in names]
+    missing = next((path for path in paths if not path.is_file()), None)
+    if missing:
+        raise DataError(f"{missing} is missing, {data_dir} is incomplete: {again}")
+    dtype = np.dtype(meta["dtype"])
+    if bins.stat().st_size % dtype.itemsize:  # cut short mid-token: numpy's error would not say which file
+        raise DataError(f"{bins} is not a whole number of {dtype} tokens (cut short?): {again}")
+    tokens, mask = mapped(bins, dtype), mapped(masks[0], np.uint8) if masks else None
+    try:
+        with np.load(npz) as docs:
+            offsets, ids = docs["offsets"], docs["ids"]
+    except Exception as e:  # not a zip, cut short, arrays missing
+        raise DataError(f"{npz} is damaged ({type(e).__name__}: {e}): {again}") from None
+    if len(offsets) != len(ids) + 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
+        raise DataError(f"{npz} is damaged (its offsets are not 0 and rising, one more than its {len(ids)} ids): "
+                        f"{again}")
+    if offsets[-1] != len(tokens):  # a file cut short by whole tokens, or the files of two preparations
+        raise DataError(f"{bins} holds {len(tokens)} tokens but the documents of {npz.name} end at token "
+                        f"{offsets[-1]} (cut short, or from another preparation): {again}")
+    if mask is not None and len(mask) != len(tokens):
+        raise DataError(f"{masks[0]} has {len(mask)} entries for the {len(tokens)} tokens of {bins.name}: {again}")
+    return meta, tokens, offsets, ids, mask
+
+
+def mapped(path, dtype):
+    # mapped, not read: a large split costs no memory until used (numpy cannot map an empty file)
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+
+
+def prepare_command(meta, out_dir):
+    """The prepare_data.py command that writes out_dir again as its meta.json describes it: prepare()'s
+    arguments that differ from their defaults."""
+    source = meta.get("source", "")
+    given = dict(dataset=None if source.startswith("embedded:") else source, format=meta.get("format"),
+                 tokenizer=meta.get("tokenizer_source") or meta.get("tokenizer"), text_field=meta.get("text_field"),
+                 sample_by=meta.get("sample_by"), max_docs=meta.get("max_docs"), max_len=meta.get("max_len"),
+                 val_fraction=meta.get("val_fraction"), seed=meta.get("seed"),
+                 chat_template=meta.get("template") == "chat_template")
+    defaults = {k: p.default for k, p in inspect.signature(prepare).parameters.items()}
+    flags = [f"--{k}" if v is True else f"--{k} {shlex.quote(str(v))}" for k, v in given.items()
+             if v is not None and v != defaults[k]]
+    return " ".join(["python prepare_data.py", *flags, "--out_dir", shlex.quote(str(out_dir))])
 
 
 def text_documents(dataset, text_field, split, sample_by, max_docs, tok):

@@ -273,3 +273,70 @@ def test_bad_input(tmp_path, case):
         assert "no records" in lines[0]
     if case == "bad_json":  # the file's own line number (datasets reports "row 1", counted within a block)
         assert "bad.jsonl line 2 is not JSON" in lines[0]
+
+
+# ---- a prepared folder damaged later: one line at load time, naming the file and the command that writes it again
+
+
+def damage(folder, how):
+    if how == "val.bin missing":
+        (folder / "val.bin").unlink()
+    elif how == "train_docs.npz missing":
+        (folder / "train_docs.npz").unlink()
+    elif how == "train.bin cut by whole tokens":  # passes the size check: only the offsets can tell
+        (folder / "train.bin").write_bytes((folder / "train.bin").read_bytes()[:-20])
+    elif how == "val_docs.npz not a zip":
+        (folder / "val_docs.npz").write_bytes(b"PK\x03\x04 torn")
+    elif how == "offsets of another preparation":
+        with np.load(folder / "val_docs.npz") as docs:
+            np.savez(folder / "val_docs.npz", offsets=docs["offsets"][::-1], ids=docs["ids"])
+
+
+@pytest.mark.parametrize("how, problem", [
+    ("val.bin missing", "val.bin is missing, {out} is incomplete"),
+    ("train_docs.npz missing", "train_docs.npz is missing"),
+    ("train.bin cut by whole tokens", "train.bin holds {n} tokens but the documents of train_docs.npz end at token"),
+    ("val_docs.npz not a zip", "val_docs.npz is damaged (BadZipFile"),
+    ("offsets of another preparation", "val_docs.npz is damaged (its offsets are not 0 and rising"),
+])
+def test_a_damaged_folder_names_the_file_and_the_command_that_writes_it_again(how, problem, tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    out = prepare_data.prepare(dataset=str(src), out_dir=tmp_path / "out", val_fraction=0.3, seed=7)
+    whole = {p.name: p.read_bytes() for p in out.iterdir()}
+    damage(out, how)
+    n = (out / "train.bin").stat().st_size // 2
+    for split in ("train", "val"):
+        try:
+            prepare_data.read_split(out, split)
+        except prepare_data.DataError as e:
+            message = str(e)
+            break
+    else:
+        pytest.fail(f"{how}: read without an error")
+    assert message.startswith(str(out / problem.format(out=out, n=n).split(" ")[0])) and \
+        problem.format(out=out, n=n) in message and "\n" not in message
+    command = message.split("prepare it again with ")[1]
+    assert command == f"python prepare_data.py --dataset {src} --val_fraction 0.3 --seed 7 --out_dir {out}"
+    r = subprocess.run([sys.executable, *command.split()[1:]], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == whole  # the advice restores the folder as it was
+    prepare_data.read_split(out, "train")
+
+
+def test_a_corpus_file_given_as_data_names_the_command_that_prepares_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as a user passes it: a path relative to where they are
+    (tmp_path / "notes.md").write_text("\n\n".join(f"Paragraph {i} of my notes." for i in range(12)))
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as e:
+        prepare_data.ensure_prepared(tmp_path / "ckpt.pt")
+    assert str(e.value).endswith("is a file, not a folder of prepared data: pass the folder that prepare_data.py "
+                                 "wrote (its --out_dir)")
+    with pytest.raises(FileNotFoundError) as e:
+        prepare_data.ensure_prepared(Path("notes.md"))
+    assert str(e.value) == ("--data notes.md is a file, not a folder of prepared data: prepare it first with python "
+                            "prepare_data.py --dataset notes.md --sample_by paragraph --out_dir data/notes, then pass "
+                            "--data data/notes")
+    r = run_cli("--dataset", "notes.md", "--sample_by", "paragraph", "--out_dir", "data/notes", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # following the advice works: one text file, split into paragraphs
+    data = prepare_data.ensure_prepared(tmp_path / "data" / "notes")
+    assert len(prepare_data.read_split(data, "val")[3]) >= 1

@@ -623,6 +623,7 @@ def test_more_bad_input(tiny_flags, tiny_data, tmp_path):
     empty = tmp_path / "empty"
     shutil.copytree(tiny_data, empty)
     np.savez(empty / "train_docs.npz", offsets=np.zeros(1, dtype=np.int64), ids=np.zeros(0, dtype=np.int64))
+    (empty / "train.bin").write_bytes(b"")  # (its tokens too: the offsets must end where train.bin does)
     assert "no training samples" in bad_run(tiny_flags, tmp_path, "--data", str(empty))
     short = tmp_path / "short"  # a train.bin cut one byte short: the file is named, not numpy's message
     shutil.copytree(tiny_data, short)
@@ -632,6 +633,22 @@ def test_more_bad_input(tiny_flags, tiny_data, tmp_path):
     run(tiny_flags, tmp_path, "b32", "--max_iters", "1")  # a longer context than the checkpoint's positions
     assert "exceeds the model's 32 positions" in bad_run(tiny_flags, tmp_path, "--init_from", str(tmp_path / "b32"),
                                                          "--block_size", "64")
+
+
+def test_damaged_data_is_one_line_before_training(tiny_flags, tiny_data, tmp_path):
+    cut, lost = tmp_path / "cut", tmp_path / "lost"
+    for folder in (cut, lost):
+        shutil.copytree(tiny_data, folder)
+    (cut / "train.bin").write_bytes((tiny_data / "train.bin").read_bytes()[:-64])  # whole tokens: the size is fine
+    (lost / "val.bin").unlink()
+    msg = bad_run(tiny_flags, tmp_path, "--data", str(cut))
+    assert msg.startswith(f"train.py: error: {cut / 'train.bin'} holds ") and "prepare it again with python" in msg
+    msg = bad_run(tiny_flags, tmp_path, "--data", str(lost))
+    assert msg.startswith(f"train.py: error: {lost / 'val.bin'} is missing") and f"--out_dir {lost}" in msg
+    msg = bad_run(tiny_flags, tmp_path, "--data", str(ROOT / "README.md"))
+    assert "README.md is a file, not a folder of prepared data: prepare it first with python prepare_data.py " \
+           "--dataset" in msg and msg.endswith("then pass --data data/README")
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def test_float16_recovers_from_gradient_overflow(tiny_flags, tmp_path, monkeypatch, capsys):
