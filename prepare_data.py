@@ -24,11 +24,13 @@ and {train,val}_mask.bin (uint8, 1 where a token is a target: the response) besi
 """
 import argparse
 import base64
+import codecs
 import functools
 import glob
 import gzip
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import re
@@ -206,12 +208,29 @@ def looks_local(dataset):
 def bad_json_line(files):
     """'FILE line N: ...' for the first line of a .jsonl file that is not JSON, or None."""
     for f in (f for f in files if f.endswith((".jsonl", ".jsonl.gz"))):
-        with (gzip.open if f.endswith(".gz") else open)(f, "rt", encoding="utf-8") as lines:
+        with (gzip.open if f.endswith(".gz") else open)(f, "rt", encoding="utf-8", errors="replace") as lines:
             for i, line in enumerate(lines, 1):
                 try:
                     line.strip() and json.loads(line)
                 except ValueError as e:
                     return f"{f} line {i} is not JSON ({e})"
+    return None
+
+
+def not_utf8(files, block=1 << 20):
+    """'FILE is not UTF-8 at byte N ...' for the first file holding bytes that are not UTF-8, or None. The byte is
+    counted in the whole file (datasets' position counts within a block), uncompressed for a .gz."""
+    for f in files:
+        decoder, at = codecs.getincrementaldecoder("utf-8")(), 0
+        with (gzip.open if f.endswith(".gz") else open)(f, "rb") as data:
+            for chunk in itertools.chain(iter(functools.partial(data.read, block), b""), [None]):
+                held = len(decoder.getstate()[0])  # the first bytes of a character cut by the previous chunk
+                try:
+                    decoder.decode(chunk or b"", final=chunk is None)
+                except UnicodeDecodeError as e:
+                    return (f"{f} is not UTF-8 at byte {at - held + e.start} ({e.object[e.start]:#04x}): re-encode "
+                            "it as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8, with the encoding it is in)")
+                at += len(chunk or b"")
     return None
 
 
@@ -259,12 +278,16 @@ def load_texts(dataset, text_field, split, sample_by, max_docs, records=False):
     with tempfile.TemporaryDirectory() as cache:
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **kw)
+            # copies the columns out before the cache goes; json's strings are decoded only here
+            return pick_ds(ds, text_field, max_docs, dataset, records)
+        except DataError:
+            raise
         except Exception as e:
             e = e.__cause__ or e  # datasets wraps the parser's error; its row numbers count within a block
             why = ("no records (an empty file?)" if isinstance(e, StopIteration) else
+                   isinstance(e, UnicodeDecodeError) and not_utf8(files) or
                    builder == "json" and bad_json_line(files) or f"{type(e).__name__}: {e}")
             raise DataError(f"could not read {dataset!r} as {builder}: {why}") from e
-        return pick_ds(ds, text_field, max_docs, dataset, records)  # copies the columns out before the cache goes
 
 
 def pick_ds(ds, text_field, max_docs, dataset, records=False):

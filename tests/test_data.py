@@ -248,16 +248,22 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("case", ["missing", "field", "too_few", "val_fraction", "extension", "empty", "bad_json"])
+@pytest.mark.parametrize("case", ["missing", "field", "too_few", "val_fraction", "extension", "empty", "bad_json",
+                                  "latin1_text", "latin1_json"])
 def test_bad_input(tmp_path, case):
     src = write_jsonl(tmp_path / "d.jsonl", DOCS)
     one = write_jsonl(tmp_path / "one.jsonl", DOCS[:1])
     (tmp_path / "d.csv").write_text("text\nhi\n")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')
+    (tmp_path / "latin1.txt").write_bytes("Para one.\n\nCaf\u00e9 two.\n\nThree.\n".encode("latin-1"))
+    (tmp_path / "latin1.jsonl").write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in DOCS[:4])
+                                            .encode("utf-8") + '{"text": "caf\u00e9"}\n'.encode("latin-1"))
     args = {"missing": ["--dataset", "/nonexistent"],
             "empty": ["--dataset", str(tmp_path / "empty.jsonl")],
             "bad_json": ["--dataset", str(tmp_path / "bad.jsonl")],
+            "latin1_text": ["--dataset", str(tmp_path / "latin1.txt"), "--sample_by", "paragraph"],
+            "latin1_json": ["--dataset", str(tmp_path / "latin1.jsonl")],
             "field": ["--dataset", str(src), "--text_field", "body"],
             "too_few": ["--dataset", str(one)],
             "val_fraction": ["--dataset", str(src), "--val_fraction", "1.5"],
@@ -273,6 +279,21 @@ def test_bad_input(tmp_path, case):
         assert "no records" in lines[0]
     if case == "bad_json":  # the file's own line number (datasets reports "row 1", counted within a block)
         assert "bad.jsonl line 2 is not JSON" in lines[0]
+    if case.startswith("latin1"):  # the file, the byte and the fix, not the codec's position within a block
+        utf8 = len("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in DOCS[:4]).encode())
+        name, at = ("latin1.txt", 14) if case == "latin1_text" else ("latin1.jsonl", utf8 + len('{"text": "caf'))
+        assert f"{tmp_path / name} is not UTF-8 at byte {at} (0xe9): re-encode it as UTF-8" in lines[0], lines[0]
+
+
+def test_not_utf8_counts_bytes_across_blocks(tmp_path):
+    (tmp_path / "a.txt").write_bytes("ab\u00e9cd".encode() + b"\xe9x")  # an é split by the blocks, then latin-1
+    for block in (1, 2, 3, 1 << 20):
+        assert prepare_data.not_utf8([str(tmp_path / "a.txt")], block).startswith(f"{tmp_path / 'a.txt'} is not "
+                                                                                  "UTF-8 at byte 6 (0xe9)")
+    (tmp_path / "b.txt").write_bytes("ok \u00e9".encode()[:-1])  # cut in the middle of its last character
+    assert "at byte 3 (0xc3)" in prepare_data.not_utf8([str(tmp_path / "b.txt")], 2)
+    (tmp_path / "c.txt").write_bytes("all \u00e9 fine".encode())
+    assert prepare_data.not_utf8([str(tmp_path / "c.txt")], 2) is None
 
 
 # ---- a prepared folder damaged later: one line at load time, naming the file and the command that writes it again
