@@ -217,19 +217,24 @@ def check_data(args, train_data, val_data, data_dir, size):
                          f"({longest} tokens): every sample would be padded to it; use --block_size {max(longest, 128)}")
 
 
-def claim_out_dir(args):
+def claim_out_dir(args, ckpt=None):
     """--out_dir can be written (made if missing) and is this run's (runtime.claim_out_dir; under torchrun
-    rank 0 claims it for all): checked last, once every other input is known good."""
+    rank 0 claims it for all): checked last, once every other input is known good. On resume (`ckpt`, the run's
+    checkpoint), the records it continues must be readable up to the checkpoint: a damaged line is named here,
+    before anything is written."""
     import runtime
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         probe = Path(args.out_dir) / f".writable-{os.getpid()}"  # one per process: torchrun's ranks check at once
         probe.touch()
         probe.unlink()
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank0:
             runtime.claim_out_dir(Path(args.out_dir), args.init_from == "resume", args.overwrite)
     except OSError as e:
         raise ValueError(f"cannot write to --out_dir {args.out_dir} ({e.strerror}): choose a writable folder") from None
+    for name in ("log.jsonl", "weights.jsonl") if rank0 and args.init_from == "resume" else ():
+        runtime.kept_records(Path(args.out_dir) / name, ckpt["step"])  # (RunLog drops the rest when it opens them)
 
 
 def scratch_config(args, vocab_size):

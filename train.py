@@ -238,7 +238,7 @@ def setup(args, size=1, distributed=False):
     cli.check_data(args, train_data, val_data, data_dir, size)
     model, ckpt = build_model(args, train_data["meta"], data_dir)
     runtime.check_memory(model, args, size, distributed)  # more than the GPU's free memory: refused, naming flags
-    cli.claim_out_dir(args)
+    cli.claim_out_dir(args, ckpt)
     return train_data, val_data, model, ckpt
 
 

@@ -573,6 +573,28 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_is_exact(tiny_flags, tmp_pa
     assert read_jsonl(out / "weights.jsonl") == read_jsonl(tmp_path / "straight" / "weights.jsonl")
 
 
+def test_resume_drops_a_damaged_record_past_its_checkpoint_and_names_one_before_it(tiny_flags, tmp_path):
+    flags = [*tiny_flags, "--max_iters", "4", "--eval_interval", "2"]
+    run(flags, tmp_path, "straight")
+    past, before = tmp_path / "past", tmp_path / "before"
+    for out in (past, before):  # a run checkpointed at step 2 that went on to step 3 before it was stopped
+        shutil.copytree(tmp_path / "straight", out)
+        shutil.copy(out / "ckpt-0000002.pt", out / "ckpt.pt")
+        (out / "ckpt-0000004.pt").unlink()
+    for out, line in ((past, 3), (before, 2)):  # weights.jsonl line 4: step 3 (past step 2); line 2: step 1
+        lines = (out / "weights.jsonl").read_text().splitlines(keepends=True)
+        lines[line] = lines[line][:40] + "\n"
+        (out / "weights.jsonl").write_text("".join(lines))
+    run(flags, tmp_path, "past", "--init_from", "resume")  # dropped, as the records around it are: then written again
+    assert read_jsonl(past / "weights.jsonl") == read_jsonl(tmp_path / "straight" / "weights.jsonl")
+    files = lambda: {p.name: p.read_bytes() for p in before.iterdir() if p.is_file() and p.name != ".lock"}  # noqa: E731
+    written = files()
+    msg = bad_run(flags, tmp_path, "--out_dir", str(before), "--init_from", "resume")
+    assert msg.startswith(f"train.py: error: {before / 'weights.jsonl'} line 3 is damaged (") and msg.endswith(
+        "), a record of the run up to its checkpoint of step 2: delete that line to resume without it")
+    assert files() == written  # nothing written, args.json included
+
+
 def test_keep_last_prunes_old_checkpoints(tiny_flags, tmp_path):
     run(tiny_flags, tmp_path, "k", "--max_iters", "8", "--eval_interval", "2", "--keep_last", "2")
     assert sorted(p.name for p in (tmp_path / "k").glob("ckpt*.pt")) == ["ckpt-0000006.pt", "ckpt-0000008.pt",
