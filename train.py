@@ -43,7 +43,7 @@ def load_split(data_dir, split, block_size):
     must fit block_size; its mask (1 = target) keeps the prompt out of the loss."""
     meta, tokens, offsets, ids, mask = prepare_data.read_split(data_dir, split)  # its files checked against each other
     n_targets = np.maximum(np.diff(offsets) - 1, 0)
-    if mask is not None and len(ids) and n_targets.max() > block_size:  # the examples' own lengths, not the --max_len cap
+    if mask is not None and len(ids) and n_targets.max() > block_size:  # the examples' lengths, not the --max_len cap
         i = n_targets.argmax()
         raise ValueError(f"{data_dir}: {split} example {ids[i]} has {n_targets[i]} targets, more than --block_size "
                          f"{block_size}, and examples are never chunked: raise --block_size to {n_targets[i]} or "

@@ -587,7 +587,7 @@ def test_resume_drops_a_damaged_record_past_its_checkpoint_and_names_one_before_
         (out / "weights.jsonl").write_text("".join(lines))
     run(flags, tmp_path, "past", "--init_from", "resume")  # dropped, as the records around it are: then written again
     assert read_jsonl(past / "weights.jsonl") == read_jsonl(tmp_path / "straight" / "weights.jsonl")
-    files = lambda: {p.name: p.read_bytes() for p in before.iterdir() if p.is_file() and p.name != ".lock"}  # noqa: E731
+    files = lambda: {p.name: p.read_bytes() for p in before.glob("*.*") if p.name != ".lock"}  # noqa: E731
     written = files()
     msg = bad_run(flags, tmp_path, "--out_dir", str(before), "--init_from", "resume")
     assert msg.startswith(f"train.py: error: {before / 'weights.jsonl'} line 3 is damaged (") and msg.endswith(
