@@ -314,11 +314,11 @@ def default_name(dataset):
     return name[:len(name) - len(ext)] or "corpus"
 
 
-def write_atomic(path, write):
-    # write under a temporary name, then rename: a reader never sees half a file
+def stage(path, write, staged):
+    # written under a temporary name, renamed into place with the others once all are written (prepare)
     tmp = path.with_name(path.name + ".tmp")
+    staged.append((tmp, path))
     write(tmp)
-    os.replace(tmp, path)
 
 
 def write_npz(path, **arrays):
@@ -338,19 +338,19 @@ def split_by_document(ids, val_fraction, seed, what, fix):
     return sorted(ids[j] for j in perm[n_val:]), sorted(ids[j] for j in perm[:n_val])
 
 
-def write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks=None):
-    """{split}.bin, {split}_docs.npz (and {split}_mask.bin for instruction data); counts go into meta."""
+def write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks, staged):
+    """{split}.bin, {split}_docs.npz (and {split}_mask.bin for instruction data), staged; counts go into meta."""
     for name, ids in (("train", train_ids), ("val", val_ids)):
         docs = [np.array(tokens[i], dtype=dtype) for i in ids]
         offsets = np.zeros(len(docs) + 1, dtype=np.int64)
         np.cumsum([len(d) for d in docs], out=offsets[1:])
-        write_atomic(out_dir / f"{name}.bin", lambda p: np.concatenate(docs).tofile(p))
-        write_atomic(out_dir / f"{name}_docs.npz",
-                     lambda p: write_npz(p, offsets=offsets, ids=np.array(ids, dtype=np.int64)))
+        stage(out_dir / f"{name}.bin", lambda p: np.concatenate(docs).tofile(p), staged)
+        stage(out_dir / f"{name}_docs.npz", lambda p: write_npz(p, offsets=offsets, ids=np.array(ids, dtype=np.int64)),
+              staged)
         meta[name] = {"docs": len(docs), "tokens": int(offsets[-1])}
         if masks is not None:
-            write_atomic(out_dir / f"{name}_mask.bin",
-                         lambda p: np.concatenate([np.array(masks[i], dtype=np.uint8) for i in ids]).tofile(p))
+            stage(out_dir / f"{name}_mask.bin",
+                  lambda p: np.concatenate([np.array(masks[i], dtype=np.uint8) for i in ids]).tofile(p), staged)
             meta[name]["targets"] = int(sum(sum(masks[i]) for i in ids))
 
 
@@ -390,19 +390,29 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
         raise DataError(f"tokenizer {tok.name!r} produced id {top} but the model's vocab_size is {tok.vocab_size}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)  # the dir is unfinished until meta.json is back
     dtype = token_dtype(tok.vocab_size)
     meta = {"tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
             "tokenizer_source": tok.source,  # where train.py's export loads it again
             "bos": tok.bos, "eot": tok.eos, "dtype": dtype.name, **info, "val_fraction": val_fraction, "seed": seed,
             "max_docs": max_docs}
-    write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks)
-    (out_dir / "titles.json").unlink(missing_ok=True)
-    if titles is not None:
-        titles = ["" if t is None else str(t) for t in titles]
-        write_atomic(out_dir / "titles.json", lambda p: p.write_text(json.dumps(titles) + "\n"))
-        meta["titles"] = "titles.json"
-    write_atomic(out_dir / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    # every file is written under a temporary name first: a folder prepared before stays whole until the new one is
+    # complete, and an interrupted run (Ctrl-C, a full disk) leaves no partial file behind
+    staged = []
+    try:
+        write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks, staged)
+        if titles is not None:
+            titles = ["" if t is None else str(t) for t in titles]
+            stage(out_dir / "titles.json", lambda p: p.write_text(json.dumps(titles) + "\n"), staged)
+            meta["titles"] = "titles.json"
+        stage(out_dir / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"), staged)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for old in ("meta.json", "titles.json"):  # the dir is unfinished until meta.json is back, renamed last
+        (out_dir / old).unlink(missing_ok=True)
+    for tmp, path in staged:
+        os.replace(tmp, path)
 
     print(f"prepared {meta['source']} -> {out_dir}")
     unit = "examples" if masks else "docs"
@@ -531,6 +541,10 @@ def main(argv=None):
     except DataError as e:
         print(f"prepare_data.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: prepare() has removed what it had begun to write
+        print("prepare_data.py: interrupted: no partial files are left, and a folder prepared before is as it was",
+              file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports a process that SIGINT ended
 
 
 if __name__ == "__main__":

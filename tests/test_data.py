@@ -361,3 +361,33 @@ def test_a_corpus_file_given_as_data_names_the_command_that_prepares_it(tmp_path
     assert r.returncode == 0, r.stderr  # following the advice works: one text file, split into paragraphs
     data = prepare_data.ensure_prepared(tmp_path / "data" / "notes")
     assert len(prepare_data.read_split(data, "val")[3]) >= 1
+
+
+INTERRUPTED = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import prepare_data
+write_npz = prepare_data.write_npz
+def interrupted(path, **arrays):  # Ctrl-C while the val split is being written: train's files are written
+    if path.name.startswith("val"):
+        print(sorted(p.name for p in path.parent.glob("*.tmp")), flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+    write_npz(path, **arrays)
+prepare_data.write_npz = interrupted
+prepare_data.main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_files(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    out = prepare_data.prepare(dataset=str(src), out_dir=tmp_path / "out", val_fraction=0.3)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED.format(root=str(REPO)), "--dataset", str(src), "--out_dir",
+                        str(out), "--seed", "1"], capture_output=True, text=True, timeout=120)
+    assert r.stdout.splitlines()[0] == "['train.bin.tmp', 'train_docs.npz.tmp', 'val.bin.tmp']"  # when it struck
+    assert r.returncode == 130 and r.stderr == ("prepare_data.py: interrupted: no partial files are left, and a "
+                                                "folder prepared before is as it was\n"), r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier preparation, whole
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED.format(root=str(REPO)), "--dataset", str(src), "--out_dir",
+                        str(tmp_path / "new")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and r.stderr.count("\n") == 1 and not list((tmp_path / "new").iterdir())
