@@ -176,6 +176,11 @@ def check(args, size, distributed):
                          "or run on a GPU")
     if args.fsdp and runtime.pick_dtype(args.dtype, runtime.pick_device(args.device)) == "float16":
         raise ValueError("--fsdp does not support float16 loss scaling here: use --dtype bfloat16 or float32")
+    if args.dtype == "float16" and runtime.pick_device(args.device).type == "cpu" and os.environ.get("RANK", "0") == "0":
+        # warned, not refused: it works, and it is how the loss scaler is tested on a machine without a GPU
+        print("train.py: warning: --dtype float16 on a CPU is slow and its loss scaler skips steps until its scale "
+              "comes down (the first ones, or all of a short run): use --dtype bfloat16, the CPU's half precision",
+              file=sys.stderr)
     for flag in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_samples", "keep_last"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")

@@ -6,6 +6,7 @@ Nothing here knows about reweighting.
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -377,8 +378,24 @@ class RunLog:
 
 
 def write_line(file, record):
-    file.write(json.dumps(record) + "\n")
+    """One record, one line of strict JSON: a float that is not finite (the losses of a skipped step) is written as
+    null, as json.dumps would write NaN or Infinity, which JSON does not have and most readers outside Python refuse."""
+    try:
+        line = json.dumps(record, allow_nan=False)
+    except ValueError:  # (rare: only then is the record walked)
+        line = json.dumps(finite_or_null(record), allow_nan=False)
+    file.write(line + "\n")
     file.flush()
+
+
+def finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' spec sheets, FLOP/s, by the name CUDA gives the

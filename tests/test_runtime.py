@@ -87,6 +87,15 @@ def test_a_damaged_record_past_the_checkpoint_is_dropped_and_one_before_it_named
     assert runtime.kept_records(tmp_path / "missing.jsonl", 2) == []
 
 
+def test_records_are_strict_json_non_finite_values_null(tmp_path):
+    with open(tmp_path / "log.jsonl", "w") as f:
+        runtime.write_line(f, dict(step=3, loss=float("nan"), tilted=float("inf"), weight=[0.5, float("-inf")], n=2))
+        runtime.write_line(f, dict(step=4, loss=1.5))
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+              for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert strict == [dict(step=3, loss=None, tilted=None, weight=[0.5, None], n=2), dict(step=4, loss=1.5)]
+
+
 HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})

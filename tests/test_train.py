@@ -618,6 +618,9 @@ def test_non_finite_losses_skip_the_step_and_name_the_documents(tiny_flags, tmp_
     monkeypatch.setattr(train, "forward_backward", poisoned)
     two = run(tiny_flags, tmp_path, "two", "--max_iters", "2", "--schedule", "constant", "--warmup_iters", "0")
     assert "non-finite loss in documents [" in capsys.readouterr().err
+    log = [json.loads(line, parse_constant=lambda c: pytest.fail(f"log.jsonl holds {c}, not JSON"))
+           for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log if r["type"] == "train"][1] is None  # the skipped step's mean loss: null
     for k, v in two["model"].state_dict().items():  # the bad step changed nothing
         assert torch.equal(v, one["model"].state_dict()[k]), k
 
@@ -655,6 +658,25 @@ def test_more_bad_input(tiny_flags, tiny_data, tmp_path):
     run(tiny_flags, tmp_path, "b32", "--max_iters", "1")  # a longer context than the checkpoint's positions
     assert "exceeds the model's 32 positions" in bad_run(tiny_flags, tmp_path, "--init_from", str(tmp_path / "b32"),
                                                          "--block_size", "64")
+
+
+def test_a_huge_tau_logs_the_tilted_loss_as_its_limit_the_mean(tiny_flags, tmp_path):
+    run(tiny_flags, tmp_path, "t", "--max_iters", "2", "--tau", "1e300")  # tau * log-mean-exp: its limit, not NaN
+    log = [json.loads(line, parse_constant=lambda c: pytest.fail(f"log.jsonl holds {c}, not JSON"))
+           for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
+    train_records = [r for r in log if r["type"] == "train"]
+    assert len(train_records) == 2 and all(r["tilted"] == pytest.approx(r["loss"], rel=1e-6) for r in train_records)
+
+
+def test_float16_on_a_cpu_is_warned_in_one_line_naming_bfloat16(capsys):
+    import cli
+    cli.check(cli.get_args(["--dtype", "float16", "--device", "cpu"]), 1, False)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train.py: warning: --dtype float16 on a CPU is slow and its loss "
+                                                   "scaler skips steps") and "use --dtype bfloat16" in err
+    for dtype in ("bfloat16", "auto"):
+        cli.check(cli.get_args(["--dtype", dtype, "--device", "cpu"]), 1, False)
+        assert capsys.readouterr().err == ""
 
 
 def test_damaged_data_is_one_line_before_training(tiny_flags, tiny_data, tmp_path):
