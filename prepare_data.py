@@ -472,8 +472,8 @@ def read_split(data_dir, split):
     except Exception as e:  # not a zip, cut short, arrays missing
         raise DataError(f"{npz} is damaged ({type(e).__name__}: {e}): {again}") from None
     if len(offsets) != len(ids) + 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
-        raise DataError(f"{npz} is damaged (its offsets are not 0 and rising, one more than its {len(ids)} ids): "
-                        f"{again}")
+        raise DataError(f"{npz} is damaged (its offsets do not rise from 0 or are not one more than its {len(ids)} "
+                        f"ids): {again}")
     if offsets[-1] != len(tokens):  # a file cut short by whole tokens, or the files of two preparations
         raise DataError(f"{bins} holds {len(tokens)} tokens but the documents of {npz.name} end at token "
                         f"{offsets[-1]} (cut short, or from another preparation): {again}")

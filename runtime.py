@@ -259,8 +259,10 @@ def kept_records(path, step):
         except (ValueError, KeyError, TypeError) as e:  # not JSON, not UTF-8, or not a record of train.py's
             if past:
                 continue
-            raise ValueError(f"{path} line {i} is damaged ({getattr(e, 'msg', 'no step')}), a record of the run up "
-                             f"to its checkpoint of step {step}: delete that line to resume without it") from None
+            why = (e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8" if isinstance(e, UnicodeDecodeError)
+                   else "no step")
+            raise ValueError(f"{path} line {i} is damaged ({why}), a record of the run up to its checkpoint of step "
+                             f"{step}: delete that line to resume without it") from None
         if at is not None and (at < step or record.get("type") == "eval" and at == step):
             keep.append(line)
         past = past or at is not None and at >= step

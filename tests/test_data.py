@@ -318,7 +318,7 @@ def damage(folder, how):
     ("train_docs.npz missing", "train_docs.npz is missing"),
     ("train.bin cut by whole tokens", "train.bin holds {n} tokens but the documents of train_docs.npz end at token"),
     ("val_docs.npz not a zip", "val_docs.npz is damaged (BadZipFile"),
-    ("offsets of another preparation", "val_docs.npz is damaged (its offsets are not 0 and rising"),
+    ("offsets of another preparation", "val_docs.npz is damaged (its offsets do not rise from 0"),
 ])
 def test_a_damaged_folder_names_the_file_and_the_command_that_writes_it_again(how, problem, tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", DOCS)

@@ -67,7 +67,8 @@ def test_drop_records_after_keeps_earlier_steps_and_the_eval_at_the_step(tmp_pat
 def test_a_damaged_record_past_the_checkpoint_is_dropped_and_one_before_it_named(tmp_path):
     path = tmp_path / "weights.jsonl"
     lines = [json.dumps(dict(step=i, loss=[1.0])) for i in range(6)]
-    for bad in ('{"step": 4, "lo', "\x00" * 8, "\xff\xfe", "[1, 2]"):  # cut, zeroed by a crash, not UTF-8, not ours
+    latin1 = '{"step": 4, "caf\xe9"}'
+    for bad in ('{"step": 4, "lo', "\x00" * 8, latin1, "[1, 2]"):  # cut, zeroed by a crash, not UTF-8, not ours
         damaged = lines[:4] + [bad] + lines[5:]  # line 5, after the record of step 3: past a checkpoint of step 3
         path.write_bytes("".join(line + "\n" for line in damaged).encode("latin-1"))
         runtime.drop_records_after(path, 3)
@@ -79,7 +80,8 @@ def test_a_damaged_record_past_the_checkpoint_is_dropped_and_one_before_it_named
         before = path.read_bytes()
         with pytest.raises(ValueError) as e:  # a checkpoint of step 5: line 5 is among the records it keeps
             runtime.drop_records_after(path, 5)
-        assert str(e.value).startswith(f"{path} line 5 is damaged (") and str(e.value).endswith(
+        why = {"\x00" * 8: "Expecting value", latin1: "not UTF-8", "[1, 2]": "no step"}.get(bad, "")
+        assert str(e.value).startswith(f"{path} line 5 is damaged ({why}") and str(e.value).endswith(
             "), a record of the run up to its checkpoint of step 5: delete that line to resume without it")
         assert path.read_bytes() == before  # nothing rewritten
     path.write_text(lines[0] + "\n\n" + lines[1] + "\n")  # a blank line is no record, and no damage either
