@@ -183,6 +183,11 @@ def check(args, size, distributed):
                          "or run on a GPU")
     if args.fsdp and runtime.pick_dtype(args.dtype, runtime.pick_device(args.device)) == "float16":
         raise ValueError("--fsdp does not support float16 loss scaling here: use --dtype bfloat16 or float32")
+    if args.dtype == "float16" and runtime.pick_device(args.device).type == "cpu" and os.environ.get("RANK", "0") == "0":
+        # warned, not refused: it works, and it is how the loss scaler is tested on a machine without a GPU
+        print("train.py: warning: --dtype float16 on a CPU is slow and its loss scaler skips steps until its scale "
+              "comes down (the first ones, or all of a short run): use --dtype bfloat16, the CPU's half precision",
+              file=sys.stderr)
     for flag in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_samples", "keep_last"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -240,19 +245,24 @@ def check_data(args, train_data, val_data, data_dir, size):
                          f"({longest} tokens): every sample would be padded to it; use --block_size {max(longest, 128)}")
 
 
-def claim_out_dir(args):
+def claim_out_dir(args, ckpt=None):
     """--out_dir can be written (made if missing) and is this run's (runtime.claim_out_dir; under torchrun
-    rank 0 claims it for all): checked last, once every other input is known good."""
+    rank 0 claims it for all): checked last, once every other input is known good. On resume (`ckpt`, the run's
+    checkpoint), the records it continues must be readable up to the checkpoint: a damaged line is named here,
+    before anything is written."""
     import runtime
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         probe = Path(args.out_dir) / f".writable-{os.getpid()}"  # one per process: torchrun's ranks check at once
         probe.touch()
         probe.unlink()
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank0:
             runtime.claim_out_dir(Path(args.out_dir), args.init_from == "resume", args.overwrite)
     except OSError as e:
         raise ValueError(f"cannot write to --out_dir {args.out_dir} ({e.strerror}): choose a writable folder") from None
+    for name in ("log.jsonl", "weights.jsonl") if rank0 and args.init_from == "resume" else ():
+        runtime.kept_records(Path(args.out_dir) / name, ckpt["step"])  # (RunLog drops the rest when it opens them)
 
 
 def scratch_config(args, vocab_size):

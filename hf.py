@@ -221,13 +221,20 @@ def checkpoint_folder(name_or_dir):
                                 f"offline, download the checkpoint elsewhere and pass its local folder") from e
 
 
+def read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # json's message says where in the file, not which file
+        raise ValueError(f"{path} is damaged ({e}): download or copy the checkpoint again") from None
+
+
 def weight_files(folder):
     """{stored tensor name: its file} of a checkpoint folder: (sharded) safetensors, else (sharded)
     pytorch_model.bin."""
     for stem in ("model.safetensors", "pytorch_model.bin"):
         index = folder / f"{stem}.index.json"
         if index.exists():  # sharded: the index maps every tensor to its shard
-            return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+            return {k: folder / f for k, f in read_json(index)["weight_map"].items()}
         if (folder / stem).exists():
             return dict.fromkeys(mapped(folder / stem), folder / stem)
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or a sharded index) in {folder}")
@@ -237,14 +244,19 @@ def mapped(file):
     """A weight file's tensors as views of the file mapped into memory (mmap): a tensor's bytes are read when it is
     used, and the mapping goes with the last view, so a loader that keeps none of them holds one group's pages at a
     time, not the file."""
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
     try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # saved by torch < 1.6, not a zip file: no mmap; read whole, once (twice the memory)
-        return legacy_bin(file)
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(file), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # saved by torch < 1.6, not a zip file: no mmap; read whole, once (twice the memory)
+            return legacy_bin(file)
+    except Exception as e:  # a download or copy cut short: the library's message names neither the file nor a fix
+        why = str(e).splitlines()[0].split(". ")[0][:120] if str(e) else ""
+        raise ValueError(f"{file} is cut short or damaged ({type(e).__name__}: {why}): download or copy the "
+                         "checkpoint again") from None
 
 
 @functools.lru_cache(maxsize=1)  # emptied by load_pretrained once it has what it needs
@@ -270,7 +282,7 @@ def load_pretrained(name_or_dir, dtype=None):
     built on the meta device (no random initialisation to overwrite) and given the converted tensors
     themselves; the checkpoint's tensors are read a group at a time and dropped once converted."""
     folder = checkpoint_folder(name_or_dir)
-    config = config_from_hf(json.loads((folder / "config.json").read_text()))
+    config = config_from_hf(read_json(folder / "config.json"))
     files = weight_files(folder)
     stored = {strip_prefix(k): k for k in files}  # base-model name -> the name in the file
     with torch.device("meta"):  # the names and shapes of our parameters, no memory

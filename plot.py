@@ -12,6 +12,7 @@ Weights are shown as w*n throughout, so 1 is ERM's uniform 1/n whatever the batc
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -45,11 +46,24 @@ def load_run(run_dir):
 
 def read_jsonl(path):
     """train.py writes each record as one line ending in a newline, so what follows the last newline is a line
-    still being written (or torn by a kill): left out. A bad line before it means a damaged file."""
-    try:
-        return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.strip()]
-    except ValueError as e:
-        raise PlotError(f"{path} is damaged ({e}): re-run the training, or pass another run") from None
+    still being written (or torn by a kill): left out. A bad line before it means a damaged file: named by its
+    number in the file (json's own message counts within the line)."""
+    records = []
+    for i, line in enumerate(path.read_bytes().split(b"\n")[:-1], 1):
+        try:
+            if line.strip():
+                records.append(json.loads(line, object_hook=nan_for_null))
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise PlotError(f"{path} line {i} is damaged ({getattr(e, 'msg', e)}): delete that line to plot the "
+                            "rest, or pass another run") from None
+    return records
+
+
+def nan_for_null(record):
+    """train.py writes a value that is not finite (a skipped step's loss) as null, strict JSON: NaN again here,
+    which the figures leave out."""
+    return {k: math.nan if v is None else [math.nan if x is None else x for x in v] if isinstance(v, list) else v
+            for k, v in record.items()}
 
 
 def describe(args):
@@ -68,10 +82,11 @@ def run_label(run_dir, args):
 
 
 def ema(x, alpha):
-    """Exponential moving average started at the first value (no drag towards zero)."""
-    out, acc = np.empty(len(x)), x[0]
+    """Exponential moving average started at the first value (no drag towards zero); a NaN (a skipped step's loss)
+    is passed over."""
+    out, acc = np.empty(len(x)), next((v for v in x if v == v), np.nan)
     for i, v in enumerate(x):
-        acc = alpha * acc + (1 - alpha) * v
+        acc = acc if v != v else alpha * acc + (1 - alpha) * v
         out[i] = acc
     return out
 
@@ -95,7 +110,7 @@ def plot_weight_hist(run):
     recs = run["weights"]
     x = np.concatenate([np.full(len(r["weight"]), r["step"]) for r in recs])
     y = np.concatenate([np.asarray(r["weight"]) * len(r["weight"]) for r in recs])
-    pos, dropped = y > 0, not (y > 0).all()
+    pos, dropped = y > 0, (y == 0).any()  # (NaN, a skipped step's: neither)
     # log bins of width d centred on 1, so ERM's weights fill exactly one row on the reference line
     lo, hi, d = min(y[pos].min() / 1.3, 0.3), max(y[pos].max() * 1.3, 3), 0.06
     yedges = 10 ** (d * (np.arange(np.floor(np.log10(lo) / d) - 1, np.ceil(np.log10(hi) / d) + 1) + 0.5))
@@ -152,8 +167,8 @@ def plot_loss_vs_weight(run, wanted_steps):
     for ax, r in zip(axes[0], recs):
         l, w = np.asarray(r["loss"]), np.asarray(r["weight"]) * len(r["weight"])
         if args.get("method") == "irdro":  # the closed form the points must lie on
-            tau, grid = args["tau"], np.linspace(l.min(), l.max(), 200)
-            ax.plot(grid, np.exp((grid - l.max()) / tau) / np.exp((l - l.max()) / tau).mean(),
+            tau, grid = args["tau"], np.linspace(np.nanmin(l), np.nanmax(l), 200)
+            ax.plot(grid, np.exp((grid - np.nanmax(l)) / tau) / np.nanmean(np.exp((l - np.nanmax(l)) / tau)),
                     color="grey", lw=1, label="n·softmax(l/τ)")
         if args.get("method") == "midrank" and (w > 0).any():
             ax.axvspan(l[w > 0].min(), l[w > 0].max(), color="C2", alpha=0.15,
@@ -163,7 +178,7 @@ def plot_loss_vs_weight(run, wanted_steps):
         ax.set_title(f"step {r['step']}", fontsize=10)
         ax.set_xlabel("per-sample loss (nats/token)")
     axes[0][0].set_ylabel("weight × n")
-    top = max(max(r["weight"]) * len(r["weight"]) for r in recs) * 1.1
+    top = max(np.nanmax(r["weight"]) * len(r["weight"]) for r in recs) * 1.1
     axes[0][0].set_ylim(-0.03 * top, top)  # a little below 0 so dropped samples are not cut in half
     axes[0][0].legend(fontsize=8, loc="upper left")
     fig.suptitle(f"{run['label']}: loss vs weight of each sample in the batch", fontsize=11)
@@ -207,9 +222,9 @@ def plot_loss_curves(runs, path, alpha):
             a2.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color=f"C{i}",
                     ms=4, label=f"{run['label']}: {evals[-1]['val_loss']:.3f}")
         # zoom past the first 10% of training: the fall from the initial loss would flatten the rest
-        top += [loss[len(loss) // 10:].max()] + [r["val_loss"] for r in evals if r["step"] >= steps[-1] // 10]
+        top += [np.nanmax(loss[len(loss) // 10:])] + [r["val_loss"] for r in evals if r["step"] >= steps[-1] // 10]
         start.append(loss[0])
-    a1.set_ylim(top=max(top) * 1.03)
+    a1.set_ylim(top=np.nanmax(top) * 1.03)
     a1.set_title(f"train loss (batch mean, EMA {alpha:g}; raw faint)", fontsize=10)
     a2.set_title("val loss (mean per-sample loss, held-out)", fontsize=10)
     if max(start) > max(top) * 1.03:

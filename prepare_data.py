@@ -24,13 +24,17 @@ and {train,val}_mask.bin (uint8, 1 where a token is a target: the response) besi
 """
 import argparse
 import base64
+import codecs
 import functools
 import glob
 import gzip
 import hashlib
+import inspect
+import itertools
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 import zipfile
@@ -204,12 +208,29 @@ def looks_local(dataset):
 def bad_json_line(files):
     """'FILE line N: ...' for the first line of a .jsonl file that is not JSON, or None."""
     for f in (f for f in files if f.endswith((".jsonl", ".jsonl.gz"))):
-        with (gzip.open if f.endswith(".gz") else open)(f, "rt", encoding="utf-8") as lines:
+        with (gzip.open if f.endswith(".gz") else open)(f, "rt", encoding="utf-8", errors="replace") as lines:
             for i, line in enumerate(lines, 1):
                 try:
                     line.strip() and json.loads(line)
                 except ValueError as e:
                     return f"{f} line {i} is not JSON ({e})"
+    return None
+
+
+def not_utf8(files, block=1 << 20):
+    """'FILE is not UTF-8 at byte N ...' for the first file holding bytes that are not UTF-8, or None. The byte is
+    counted in the whole file (datasets' position counts within a block), uncompressed for a .gz."""
+    for f in files:
+        decoder, at = codecs.getincrementaldecoder("utf-8")(), 0
+        with (gzip.open if f.endswith(".gz") else open)(f, "rb") as data:
+            for chunk in itertools.chain(iter(functools.partial(data.read, block), b""), [None]):
+                held = len(decoder.getstate()[0])  # the first bytes of a character cut by the previous chunk
+                try:
+                    decoder.decode(chunk or b"", final=chunk is None)
+                except UnicodeDecodeError as e:
+                    return (f"{f} is not UTF-8 at byte {at - held + e.start} ({e.object[e.start]:#04x}): re-encode "
+                            "it as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8, with the encoding it is in)")
+                at += len(chunk or b"")
     return None
 
 
@@ -257,12 +278,16 @@ def load_texts(dataset, text_field, split, sample_by, max_docs, records=False):
     with tempfile.TemporaryDirectory() as cache:
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **kw)
+            # copies the columns out before the cache goes; json's strings are decoded only here
+            return pick_ds(ds, text_field, max_docs, dataset, records)
+        except DataError:
+            raise
         except Exception as e:
             e = e.__cause__ or e  # datasets wraps the parser's error; its row numbers count within a block
             why = ("no records (an empty file?)" if isinstance(e, StopIteration) else
+                   isinstance(e, UnicodeDecodeError) and not_utf8(files) or
                    builder == "json" and bad_json_line(files) or f"{type(e).__name__}: {e}")
             raise DataError(f"could not read {dataset!r} as {builder}: {why}") from e
-        return pick_ds(ds, text_field, max_docs, dataset, records)  # copies the columns out before the cache goes
 
 
 def pick_ds(ds, text_field, max_docs, dataset, records=False):
@@ -289,11 +314,11 @@ def default_name(dataset):
     return name[:len(name) - len(ext)] or "corpus"
 
 
-def write_atomic(path, write):
-    # write under a temporary name, then rename: a reader never sees half a file
+def stage(path, write, staged):
+    # written under a temporary name, renamed into place with the others once all are written (prepare)
     tmp = path.with_name(path.name + ".tmp")
+    staged.append((tmp, path))
     write(tmp)
-    os.replace(tmp, path)
 
 
 def write_npz(path, **arrays):
@@ -313,19 +338,19 @@ def split_by_document(ids, val_fraction, seed, what, fix):
     return sorted(ids[j] for j in perm[n_val:]), sorted(ids[j] for j in perm[:n_val])
 
 
-def write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks=None):
-    """{split}.bin, {split}_docs.npz (and {split}_mask.bin for instruction data); counts go into meta."""
+def write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks, staged):
+    """{split}.bin, {split}_docs.npz (and {split}_mask.bin for instruction data), staged; counts go into meta."""
     for name, ids in (("train", train_ids), ("val", val_ids)):
         docs = [np.array(tokens[i], dtype=dtype) for i in ids]
         offsets = np.zeros(len(docs) + 1, dtype=np.int64)
         np.cumsum([len(d) for d in docs], out=offsets[1:])
-        write_atomic(out_dir / f"{name}.bin", lambda p: np.concatenate(docs).tofile(p))
-        write_atomic(out_dir / f"{name}_docs.npz",
-                     lambda p: write_npz(p, offsets=offsets, ids=np.array(ids, dtype=np.int64)))
+        stage(out_dir / f"{name}.bin", lambda p: np.concatenate(docs).tofile(p), staged)
+        stage(out_dir / f"{name}_docs.npz", lambda p: write_npz(p, offsets=offsets, ids=np.array(ids, dtype=np.int64)),
+              staged)
         meta[name] = {"docs": len(docs), "tokens": int(offsets[-1])}
         if masks is not None:
-            write_atomic(out_dir / f"{name}_mask.bin",
-                         lambda p: np.concatenate([np.array(masks[i], dtype=np.uint8) for i in ids]).tofile(p))
+            stage(out_dir / f"{name}_mask.bin",
+                  lambda p: np.concatenate([np.array(masks[i], dtype=np.uint8) for i in ids]).tofile(p), staged)
             meta[name]["targets"] = int(sum(sum(masks[i]) for i in ids))
 
 
@@ -365,19 +390,29 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
         raise DataError(f"tokenizer {tok.name!r} produced id {top} but the model's vocab_size is {tok.vocab_size}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)  # the dir is unfinished until meta.json is back
     dtype = token_dtype(tok.vocab_size)
     meta = {"tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
             "tokenizer_source": tok.source,  # where train.py's export loads it again
             "bos": tok.bos, "eot": tok.eos, "dtype": dtype.name, **info, "val_fraction": val_fraction, "seed": seed,
             "max_docs": max_docs}
-    write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks)
-    (out_dir / "titles.json").unlink(missing_ok=True)
-    if titles is not None:
-        titles = ["" if t is None else str(t) for t in titles]
-        write_atomic(out_dir / "titles.json", lambda p: p.write_text(json.dumps(titles) + "\n"))
-        meta["titles"] = "titles.json"
-    write_atomic(out_dir / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    # every file is written under a temporary name first: a folder prepared before stays whole until the new one is
+    # complete, and an interrupted run (Ctrl-C, a full disk) leaves no partial file behind
+    staged = []
+    try:
+        write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks, staged)
+        if titles is not None:
+            titles = ["" if t is None else str(t) for t in titles]
+            stage(out_dir / "titles.json", lambda p: p.write_text(json.dumps(titles) + "\n"), staged)
+            meta["titles"] = "titles.json"
+        stage(out_dir / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"), staged)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for old in ("meta.json", "titles.json"):  # the dir is unfinished until meta.json is back, renamed last
+        (out_dir / old).unlink(missing_ok=True)
+    for tmp, path in staged:
+        os.replace(tmp, path)
 
     print(f"prepared {meta['source']} -> {out_dir}")
     unit = "examples" if masks else "docs"
@@ -393,6 +428,13 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
 
 def ensure_prepared(data_dir, processes=1):
     """train.py's --data: a built-in corpus (BUILT_IN) is prepared on first use; any other folder must be ready."""
+    if data_dir.is_file():  # a corpus itself, not the folder prepare_data.py makes of it
+        out = Path("data") / default_name(str(data_dir))
+        one_text = " --sample_by paragraph" if kind(data_dir) == "text" else ""  # one document would not split
+        fix = (f"prepare it first with python prepare_data.py --dataset {shlex.quote(str(data_dir))}{one_text} "
+               f"--out_dir {shlex.quote(str(out))}, then pass --data {shlex.quote(str(out))}" if kind(data_dir) else
+               "pass the folder that prepare_data.py wrote (its --out_dir)")
+        raise FileNotFoundError(f"--data {data_dir} is a file, not a folder of prepared data: {fix}")
     if not (data_dir / "meta.json").exists():
         tokenizer = next((t for d, t in BUILT_IN.items() if d.resolve() == data_dir.resolve()), None)
         if tokenizer is None:
@@ -403,6 +445,61 @@ def ensure_prepared(data_dir, processes=1):
                                     f"{tokenizer} once, then torchrun")
         prepare(tokenizer=tokenizer, out_dir=data_dir)
     return data_dir
+
+
+def read_split(data_dir, split):
+    """A prepared split, checked: (meta, tokens, document offsets, source ids, target mask or None). Every file must
+    be there and agree with the others, so that a folder damaged after it was written (a file cut short, lost, or
+    copied from another preparation) is one line at load time, not an index error hundreds of steps into training."""
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+    except ValueError as e:  # not JSON (or not UTF-8): no command to repeat can be read from it
+        raise DataError(f"{data_dir / 'meta.json'} is damaged ({e}): prepare {data_dir} again with prepare_data.py "
+                        "(--out_dir, with the --dataset and flags that wrote it)") from None
+    again = f"prepare it again with {prepare_command(meta, data_dir)}"
+    names = [f"{split}.bin", f"{split}_docs.npz"] + [f"{split}_mask.bin"] * (meta.get("format") == "instruct")
+    bins, npz, *masks = paths = [data_dir / name for name in names]
+    missing = next((path for path in paths if not path.is_file()), None)
+    if missing:
+        raise DataError(f"{missing} is missing, {data_dir} is incomplete: {again}")
+    dtype = np.dtype(meta["dtype"])
+    if bins.stat().st_size % dtype.itemsize:  # cut short mid-token: numpy's error would not say which file
+        raise DataError(f"{bins} is not a whole number of {dtype} tokens (cut short?): {again}")
+    tokens, mask = mapped(bins, dtype), mapped(masks[0], np.uint8) if masks else None
+    try:
+        with np.load(npz) as docs:
+            offsets, ids = docs["offsets"], docs["ids"]
+    except Exception as e:  # not a zip, cut short, arrays missing
+        raise DataError(f"{npz} is damaged ({type(e).__name__}: {e}): {again}") from None
+    if len(offsets) != len(ids) + 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
+        raise DataError(f"{npz} is damaged (its offsets do not rise from 0 or are not one more than its {len(ids)} "
+                        f"ids): {again}")
+    if offsets[-1] != len(tokens):  # a file cut short by whole tokens, or the files of two preparations
+        raise DataError(f"{bins} holds {len(tokens)} tokens but the documents of {npz.name} end at token "
+                        f"{offsets[-1]} (cut short, or from another preparation): {again}")
+    if mask is not None and len(mask) != len(tokens):
+        raise DataError(f"{masks[0]} has {len(mask)} entries for the {len(tokens)} tokens of {bins.name}: {again}")
+    return meta, tokens, offsets, ids, mask
+
+
+def mapped(path, dtype):
+    # mapped, not read: a large split costs no memory until used (numpy cannot map an empty file)
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+
+
+def prepare_command(meta, out_dir):
+    """The prepare_data.py command that writes out_dir again as its meta.json describes it: prepare()'s
+    arguments that differ from their defaults."""
+    source = meta.get("source", "")
+    given = dict(dataset=None if source.startswith("embedded:") else source, format=meta.get("format"),
+                 tokenizer=meta.get("tokenizer_source") or meta.get("tokenizer"), text_field=meta.get("text_field"),
+                 sample_by=meta.get("sample_by"), max_docs=meta.get("max_docs"), max_len=meta.get("max_len"),
+                 val_fraction=meta.get("val_fraction"), seed=meta.get("seed"),
+                 chat_template=meta.get("template") == "chat_template")
+    defaults = {k: p.default for k, p in inspect.signature(prepare).parameters.items()}
+    flags = [f"--{k}" if v is True else f"--{k} {shlex.quote(str(v))}" for k, v in given.items()
+             if v is not None and v != defaults[k]]
+    return " ".join(["python prepare_data.py", *flags, "--out_dir", shlex.quote(str(out_dir))])
 
 
 def text_documents(dataset, text_field, split, sample_by, max_docs, tok):
@@ -444,6 +541,10 @@ def main(argv=None):
     except DataError as e:
         print(f"prepare_data.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: prepare() has removed what it had begun to write
+        print("prepare_data.py: interrupted: no partial files are left, and a folder prepared before is as it was",
+              file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports a process that SIGINT ended
 
 
 if __name__ == "__main__":

@@ -78,8 +78,14 @@ irdro.score = lambda losses, tau: losses / tau  # w = softmax(l / tau)
 
 
 def tilted_loss(losses, tau):
-    """The inner max's value, the tilted loss tau * log((1/n) sum_i exp(l_i/tau)), in [mean(l), max(l)]; logged."""
-    return tau * (torch.logsumexp(losses / tau, dim=0) - math.log(losses.numel()))
+    """The inner max's value, the tilted loss tau * log((1/n) sum_i exp(l_i/tau)), in [mean(l), max(l)]; logged.
+    Computed as max(l) + tau * log1p(mean(expm1((l_i - max(l)) / tau))), the same value, in float64: finite for any
+    tau, where tau * (logsumexp(l / tau) - log n) is a rounding error times tau (inf * 0 = NaN at tau 1e300, which
+    overflows float32) instead of its limit mean(l)."""
+    losses = losses.double()
+    top = losses.max()
+    x = torch.where(losses == top, 0.0, (losses - top) / tau)  # <= 0; exactly 0 at the max, an infinite one too
+    return top + tau * torch.log1p(torch.expm1(x).mean())
 
 
 def method(name, **hparams):

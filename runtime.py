@@ -6,6 +6,7 @@ Nothing here knows about reweighting.
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -261,14 +262,36 @@ def load_checkpoint(path):
 
 
 def drop_records_after(path, step):
-    """Keep the JSON lines of steps before `step` (and the evaluation at `step` itself). Every record is written
-    as one line ending in a newline, so what follows the last newline is a line torn by a kill: dropped too."""
+    """Keep the JSON lines of steps before `step` (and the evaluation at `step` itself): kept_records."""
     if path.exists():
-        records = [json.loads(line) for line in path.read_text().split("\n")[:-1]]
-        keep = [r for r in records if r["step"] < step or (r.get("type") == "eval" and r["step"] == step)]
         tmp = path.with_name(path.name + ".tmp")  # a kill while rewriting must not lose the records kept
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.write_bytes(b"".join(line + b"\n" for line in kept_records(path, step)))
         os.replace(tmp, path)
+
+
+def kept_records(path, step):
+    """The lines of a run's log.jsonl or weights.jsonl that a resume from `step` keeps: steps before it and the
+    evaluation at it. Every record is written as one line ending in a newline, so what follows the last newline is
+    a line torn by a kill: dropped. A damaged line (a disk that lost data) past the checkpoint goes too, as the
+    records around it do: it is past when a record of step >= `step` comes before it (records are in step order,
+    the evaluation at `step` is the last one kept). A damaged line before that would leave a hole in the record
+    the run keeps, which a user would want to know rather than have dropped in silence: ValueError, naming it."""
+    keep, past = [], False
+    for i, line in enumerate(path.read_bytes().split(b"\n")[:-1] if path.exists() else [], 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+            at = None if record is None else int(record["step"])
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, not UTF-8, or not a record of train.py's
+            if past:
+                continue
+            why = (e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8" if isinstance(e, UnicodeDecodeError)
+                   else "no step")
+            raise ValueError(f"{path} line {i} is damaged ({why}), a record of the run up to its checkpoint of step "
+                             f"{step}: delete that line to resume without it") from None
+        if at is not None and (at < step or record.get("type") == "eval" and at == step):
+            keep.append(line)
+        past = past or at is not None and at >= step
+    return keep
 
 
 # -----------------------------------------------------------------------------
@@ -382,8 +405,24 @@ class RunLog:
 
 
 def write_line(file, record):
-    file.write(json.dumps(record) + "\n")
+    """One record, one line of strict JSON: a float that is not finite (the losses of a skipped step) is written as
+    null, as json.dumps would write NaN or Infinity, which JSON does not have and most readers outside Python refuse."""
+    try:
+        line = json.dumps(record, allow_nan=False)
+    except ValueError:  # (rare: only then is the record walked)
+        line = json.dumps(finite_or_null(record), allow_nan=False)
+    file.write(line + "\n")
     file.flush()
+
+
+def finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' spec sheets, FLOP/s, by the name CUDA gives the

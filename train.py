@@ -17,7 +17,6 @@ if __name__ == "__main__":
     cli.parse()  # exits on --help or a bad flag; main() reads them again, with the checks that need torch
 
 import functools
-import json
 import math
 import os
 import sys
@@ -42,21 +41,13 @@ def load_split(data_dir, split, block_size):
     consecutive chunks of at most block_size targets, so no sample crosses a document boundary.
     Instruction data (prepare_data.py --format instruct): one example is one sample, never chunked, so each
     must fit block_size; its mask (1 = target) keeps the prompt out of the loss."""
-    meta = json.loads((data_dir / "meta.json").read_text())
-    path = data_dir / f"{split}.bin"
-    if path.stat().st_size % np.dtype(meta["dtype"]).itemsize:  # cut short: numpy's error would not say which file
-        raise ValueError(f"{path} is not a whole number of {meta['dtype']} tokens (cut short?): prepare the data again")
-    tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
-    docs = np.load(data_dir / f"{split}_docs.npz")
-    offsets, ids = docs["offsets"], docs["ids"]
+    meta, tokens, offsets, ids, mask = prepare_data.read_split(data_dir, split)  # its files checked against each other
     n_targets = np.maximum(np.diff(offsets) - 1, 0)
-    instruct = meta.get("format") == "instruct"
-    if instruct and len(ids) and n_targets.max() > block_size:  # the examples' own lengths, not the --max_len cap
+    if mask is not None and len(ids) and n_targets.max() > block_size:  # the examples' lengths, not the --max_len cap
         i = n_targets.argmax()
         raise ValueError(f"{data_dir}: {split} example {ids[i]} has {n_targets[i]} targets, more than --block_size "
                          f"{block_size}, and examples are never chunked: raise --block_size to {n_targets[i]} or "
                          f"re-prepare with --max_len {block_size + 1} (truncating the longer ones)")
-    mask = np.memmap(data_dir / f"{split}_mask.bin", dtype=np.uint8, mode="r") if instruct else None
     n_chunks = -(-n_targets // block_size)  # ceil division
     doc = np.repeat(np.arange(len(ids)), n_chunks)  # document index of every sample
     chunk = np.arange(len(doc)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
@@ -247,7 +238,7 @@ def setup(args, size=1, distributed=False):
     cli.check_data(args, train_data, val_data, data_dir, size)
     model, ckpt = build_model(args, train_data["meta"], data_dir)
     runtime.check_memory(model, args, size, distributed)  # more than the GPU's free memory: refused, naming flags
-    cli.claim_out_dir(args)
+    cli.claim_out_dir(args, ckpt)
     return train_data, val_data, model, ckpt
 
 

@@ -248,16 +248,22 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("case", ["missing", "field", "too_few", "val_fraction", "extension", "empty", "bad_json"])
+@pytest.mark.parametrize("case", ["missing", "field", "too_few", "val_fraction", "extension", "empty", "bad_json",
+                                  "latin1_text", "latin1_json"])
 def test_bad_input(tmp_path, case):
     src = write_jsonl(tmp_path / "d.jsonl", DOCS)
     one = write_jsonl(tmp_path / "one.jsonl", DOCS[:1])
     (tmp_path / "d.csv").write_text("text\nhi\n")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')
+    (tmp_path / "latin1.txt").write_bytes("Para one.\n\nCaf\u00e9 two.\n\nThree.\n".encode("latin-1"))
+    (tmp_path / "latin1.jsonl").write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in DOCS[:4])
+                                            .encode("utf-8") + '{"text": "caf\u00e9"}\n'.encode("latin-1"))
     args = {"missing": ["--dataset", "/nonexistent"],
             "empty": ["--dataset", str(tmp_path / "empty.jsonl")],
             "bad_json": ["--dataset", str(tmp_path / "bad.jsonl")],
+            "latin1_text": ["--dataset", str(tmp_path / "latin1.txt"), "--sample_by", "paragraph"],
+            "latin1_json": ["--dataset", str(tmp_path / "latin1.jsonl")],
             "field": ["--dataset", str(src), "--text_field", "body"],
             "too_few": ["--dataset", str(one)],
             "val_fraction": ["--dataset", str(src), "--val_fraction", "1.5"],
@@ -273,3 +279,115 @@ def test_bad_input(tmp_path, case):
         assert "no records" in lines[0]
     if case == "bad_json":  # the file's own line number (datasets reports "row 1", counted within a block)
         assert "bad.jsonl line 2 is not JSON" in lines[0]
+    if case.startswith("latin1"):  # the file, the byte and the fix, not the codec's position within a block
+        utf8 = len("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in DOCS[:4]).encode())
+        name, at = ("latin1.txt", 14) if case == "latin1_text" else ("latin1.jsonl", utf8 + len('{"text": "caf'))
+        assert f"{tmp_path / name} is not UTF-8 at byte {at} (0xe9): re-encode it as UTF-8" in lines[0], lines[0]
+
+
+def test_not_utf8_counts_bytes_across_blocks(tmp_path):
+    (tmp_path / "a.txt").write_bytes("ab\u00e9cd".encode() + b"\xe9x")  # an é split by the blocks, then latin-1
+    for block in (1, 2, 3, 1 << 20):
+        assert prepare_data.not_utf8([str(tmp_path / "a.txt")], block).startswith(f"{tmp_path / 'a.txt'} is not "
+                                                                                  "UTF-8 at byte 6 (0xe9)")
+    (tmp_path / "b.txt").write_bytes("ok \u00e9".encode()[:-1])  # cut in the middle of its last character
+    assert "at byte 3 (0xc3)" in prepare_data.not_utf8([str(tmp_path / "b.txt")], 2)
+    (tmp_path / "c.txt").write_bytes("all \u00e9 fine".encode())
+    assert prepare_data.not_utf8([str(tmp_path / "c.txt")], 2) is None
+
+
+# ---- a prepared folder damaged later: one line at load time, naming the file and the command that writes it again
+
+
+def damage(folder, how):
+    if how == "val.bin missing":
+        (folder / "val.bin").unlink()
+    elif how == "train_docs.npz missing":
+        (folder / "train_docs.npz").unlink()
+    elif how == "train.bin cut by whole tokens":  # passes the size check: only the offsets can tell
+        (folder / "train.bin").write_bytes((folder / "train.bin").read_bytes()[:-20])
+    elif how == "val_docs.npz not a zip":
+        (folder / "val_docs.npz").write_bytes(b"PK\x03\x04 torn")
+    elif how == "offsets of another preparation":
+        with np.load(folder / "val_docs.npz") as docs:
+            np.savez(folder / "val_docs.npz", offsets=docs["offsets"][::-1], ids=docs["ids"])
+
+
+@pytest.mark.parametrize("how, problem", [
+    ("val.bin missing", "val.bin is missing, {out} is incomplete"),
+    ("train_docs.npz missing", "train_docs.npz is missing"),
+    ("train.bin cut by whole tokens", "train.bin holds {n} tokens but the documents of train_docs.npz end at token"),
+    ("val_docs.npz not a zip", "val_docs.npz is damaged (BadZipFile"),
+    ("offsets of another preparation", "val_docs.npz is damaged (its offsets do not rise from 0"),
+])
+def test_a_damaged_folder_names_the_file_and_the_command_that_writes_it_again(how, problem, tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    out = prepare_data.prepare(dataset=str(src), out_dir=tmp_path / "out", val_fraction=0.3, seed=7)
+    whole = {p.name: p.read_bytes() for p in out.iterdir()}
+    damage(out, how)
+    n = (out / "train.bin").stat().st_size // 2
+    for split in ("train", "val"):
+        try:
+            prepare_data.read_split(out, split)
+        except prepare_data.DataError as e:
+            message = str(e)
+            break
+    else:
+        pytest.fail(f"{how}: read without an error")
+    assert message.startswith(str(out / problem.format(out=out, n=n).split(" ")[0])) and \
+        problem.format(out=out, n=n) in message and "\n" not in message
+    command = message.split("prepare it again with ")[1]
+    assert command == f"python prepare_data.py --dataset {src} --val_fraction 0.3 --seed 7 --out_dir {out}"
+    r = subprocess.run([sys.executable, *command.split()[1:]], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == whole  # the advice restores the folder as it was
+    prepare_data.read_split(out, "train")
+
+
+def test_a_corpus_file_given_as_data_names_the_command_that_prepares_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as a user passes it: a path relative to where they are
+    (tmp_path / "notes.md").write_text("\n\n".join(f"Paragraph {i} of my notes." for i in range(12)))
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as e:
+        prepare_data.ensure_prepared(tmp_path / "ckpt.pt")
+    assert str(e.value).endswith("is a file, not a folder of prepared data: pass the folder that prepare_data.py "
+                                 "wrote (its --out_dir)")
+    with pytest.raises(FileNotFoundError) as e:
+        prepare_data.ensure_prepared(Path("notes.md"))
+    assert str(e.value) == ("--data notes.md is a file, not a folder of prepared data: prepare it first with python "
+                            "prepare_data.py --dataset notes.md --sample_by paragraph --out_dir data/notes, then pass "
+                            "--data data/notes")
+    r = run_cli("--dataset", "notes.md", "--sample_by", "paragraph", "--out_dir", "data/notes", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # following the advice works: one text file, split into paragraphs
+    data = prepare_data.ensure_prepared(tmp_path / "data" / "notes")
+    assert len(prepare_data.read_split(data, "val")[3]) >= 1
+
+
+INTERRUPTED = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import prepare_data
+write_npz = prepare_data.write_npz
+def interrupted(path, **arrays):  # Ctrl-C while the val split is being written: train's files are written
+    if path.name.startswith("val"):
+        print(sorted(p.name for p in path.parent.glob("*.tmp")), flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+    write_npz(path, **arrays)
+prepare_data.write_npz = interrupted
+prepare_data.main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_files(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    out = prepare_data.prepare(dataset=str(src), out_dir=tmp_path / "out", val_fraction=0.3)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED.format(root=str(REPO)), "--dataset", str(src), "--out_dir",
+                        str(out), "--seed", "1"], capture_output=True, text=True, timeout=120)
+    assert r.stdout.splitlines()[0] == "['train.bin.tmp', 'train_docs.npz.tmp', 'val.bin.tmp']"  # when it struck
+    assert r.returncode == 130 and r.stderr == ("prepare_data.py: interrupted: no partial files are left, and a "
+                                                "folder prepared before is as it was\n"), r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier preparation, whole
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED.format(root=str(REPO)), "--dataset", str(src), "--out_dir",
+                        str(tmp_path / "new")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and r.stderr.count("\n") == 1 and not list((tmp_path / "new").iterdir())

@@ -198,6 +198,39 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         load_pretrained(tmp_path / "nope")
 
 
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_a_weight_file_cut_short_names_the_file_and_the_fix(weights, tmp_path):
+    hf = tiny_hf_model("llama-mha")
+    hf.save_pretrained(tmp_path)
+    if weights == "pytorch_model.bin":
+        torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / weights)
+        (tmp_path / "model.safetensors").unlink()
+    whole = (tmp_path / weights).read_bytes()
+    for cut in (whole[:-100], whole[:50]):  # the data cut short, or the header itself
+        (tmp_path / weights).write_bytes(cut)
+        with pytest.raises(ValueError) as e:
+            load_pretrained(tmp_path)
+        assert str(e.value).startswith(f"{tmp_path / weights} is cut short or damaged (") and \
+            str(e.value).endswith("): download or copy the checkpoint again") and "\n" not in str(e.value)
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'config.json'} is damaged .*: download or copy"):
+        load_pretrained(tmp_path)
+
+
+def test_pretrained_cut_short_is_one_line_from_train_py(tiny_llama_ckpt, tiny_llama_data, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama_ckpt, folder)
+    (folder / "model.safetensors").write_bytes((tiny_llama_ckpt / "model.safetensors").read_bytes()[:-1000])
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--pretrained", str(folder), "--data",
+                        str(tiny_llama_data), "--device", "cpu", "--out_dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"train.py: error: {folder / 'model.safetensors'} is cut short or damaged "
+                               "(SafetensorError: ") and lines[0].endswith("download or copy the checkpoint again")
+    assert not (tmp_path / "o").exists()
+
+
 def test_scratch_model_exports_as_gpt2(tmp_path):
     torch.manual_seed(0)
     ours = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).eval()

@@ -116,7 +116,8 @@ def test_a_torn_last_line_is_left_out_and_a_damaged_log_is_one_line(runs, tmp_pa
     with pytest.raises(SystemExit) as e:
         plot.main([str(run)])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith(f"plot.py: error: {run / 'log.jsonl'} is damaged") and err.count("\n") == 1
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"plot.py: error: {run / 'log.jsonl'} line 1 is damaged")
 
 
 def test_weights_of_zero_get_their_own_panel_not_a_place_on_the_log_axis(runs, monkeypatch):
@@ -142,3 +143,31 @@ def test_run_labels_name_the_settings_the_method_takes():
                         (["--method", "irdro", "--tau", "0.5"], "irdro (τ=0.5)"), (["--method", "erm"], "erm")):
         assert plot.describe(vars(cli.get_args(argv))) == label
     assert plot.describe({"method": "irdro", "tau": 1.0, "keep": 0.5}) == "irdro (τ=1)"  # an older run's args.json
+
+
+def test_a_damaged_line_is_named_by_its_line_number_and_nulls_read_as_nan(runs, tmp_path, capsys):
+    import json
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    lines = (run / "weights.jsonl").read_text().splitlines(keepends=True) * 30  # 120 records
+    good = lines[100]
+    lines[100] = good[:len(good) // 2] + "\n"  # line 101 cut in the middle, by a disk that lost data
+    (run / "weights.jsonl").write_text("".join(lines))
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(run)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"plot.py: error: {run / 'weights.jsonl'} line 101 is damaged (") and \
+        err.endswith("): delete that line to plot the rest, or pass another run\n")
+    # a step whose losses were not finite: train.py writes them as null (strict JSON); read back as NaN, still drawn
+    record = json.loads(lines[3])  # step 3: one of the steps loss_vs_weight.png shows
+    record["loss"][0] = record["weight"][0] = None
+    lines[3], lines[100] = json.dumps(record) + "\n", good
+    (run / "weights.jsonl").write_text("".join(lines))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    next(r for r in log if r["type"] == "train")["loss"] = None
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    loaded = plot.load_run(run)
+    assert np.isnan(loaded["weights"][3]["loss"][0]) and np.isnan(loaded["log"][1]["loss"])
+    assert len(plot.main([str(run)])) == 4  # the three figures of the run and the loss curves

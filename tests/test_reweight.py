@@ -53,9 +53,16 @@ def test_irdro_rejects_bad_tau(tau):
         reweight.weights(torch.tensor([1.0, 2.0]), "irdro", tau=tau)
 
 
+@pytest.mark.parametrize("tau", [1e6, 1e30, 1e300, 1.7e308])
+def test_tilted_loss_tends_to_the_mean_for_a_huge_tau_and_stays_finite(tau):
+    losses = torch.tensor([2.0, 3.5, 1.0, 2.5])  # float32 losses, as training logs them: tau overflows float32
+    assert reweight.tilted_loss(losses, tau).item() == pytest.approx(2.25, rel=1e-6)
+    assert reweight.tilted_loss(torch.tensor([math.inf, 1.0]), tau).item() == math.inf  # an infinite max: inf, no NaN
+
+
 def test_tilted_loss_is_the_log_mean_exp_between_mean_and_max():
     losses = [2.0, 3.5, 1.0, 2.5]
-    for tau in (0.3, 1.0, 10.0):
+    for tau in (0.01, 0.3, 1.0, 10.0, 1e4):
         expected = tau * math.log(sum(math.exp(l / tau) for l in losses) / len(losses))
         got = reweight.tilted_loss(torch.tensor(losses), tau).item()
         assert got == pytest.approx(expected, rel=1e-6)

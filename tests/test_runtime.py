@@ -64,6 +64,40 @@ def test_drop_records_after_keeps_earlier_steps_and_the_eval_at_the_step(tmp_pat
     assert path.read_text() == "".join(json.dumps(r) + "\n" for r in records[:2])
 
 
+def test_a_damaged_record_past_the_checkpoint_is_dropped_and_one_before_it_named(tmp_path):
+    path = tmp_path / "weights.jsonl"
+    lines = [json.dumps(dict(step=i, loss=[1.0])) for i in range(6)]
+    latin1 = '{"step": 4, "caf\xe9"}'
+    for bad in ('{"step": 4, "lo', "\x00" * 8, latin1, "[1, 2]"):  # cut, zeroed by a crash, not UTF-8, not ours
+        damaged = lines[:4] + [bad] + lines[5:]  # line 5, after the record of step 3: past a checkpoint of step 3
+        path.write_bytes("".join(line + "\n" for line in damaged).encode("latin-1"))
+        runtime.drop_records_after(path, 3)
+        assert path.read_text() == "".join(line + "\n" for line in lines[:3])
+        path.write_bytes("".join(line + "\n" for line in damaged).encode("latin-1"))
+        with pytest.raises(ValueError, match="line 5 is damaged"):  # step 4: it may be the eval kept at step 4
+            runtime.drop_records_after(path, 4)
+        path.write_bytes("".join(line + "\n" for line in damaged).encode("latin-1"))
+        before = path.read_bytes()
+        with pytest.raises(ValueError) as e:  # a checkpoint of step 5: line 5 is among the records it keeps
+            runtime.drop_records_after(path, 5)
+        why = {"\x00" * 8: "Expecting value", latin1: "not UTF-8", "[1, 2]": "no step"}.get(bad, "")
+        assert str(e.value).startswith(f"{path} line 5 is damaged ({why}") and str(e.value).endswith(
+            "), a record of the run up to its checkpoint of step 5: delete that line to resume without it")
+        assert path.read_bytes() == before  # nothing rewritten
+    path.write_text(lines[0] + "\n\n" + lines[1] + "\n")  # a blank line is no record, and no damage either
+    assert runtime.kept_records(path, 2) == [lines[0].encode(), lines[1].encode()]
+    assert runtime.kept_records(tmp_path / "missing.jsonl", 2) == []
+
+
+def test_records_are_strict_json_non_finite_values_null(tmp_path):
+    with open(tmp_path / "log.jsonl", "w") as f:
+        runtime.write_line(f, dict(step=3, loss=float("nan"), tilted=float("inf"), weight=[0.5, float("-inf")], n=2))
+        runtime.write_line(f, dict(step=4, loss=1.5))
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+              for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert strict == [dict(step=3, loss=None, tilted=None, weight=[0.5, None], n=2), dict(step=4, loss=1.5)]
+
+
 HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})

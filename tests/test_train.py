@@ -573,6 +573,28 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_is_exact(tiny_flags, tmp_pa
     assert read_jsonl(out / "weights.jsonl") == read_jsonl(tmp_path / "straight" / "weights.jsonl")
 
 
+def test_resume_drops_a_damaged_record_past_its_checkpoint_and_names_one_before_it(tiny_flags, tmp_path):
+    flags = [*tiny_flags, "--max_iters", "4", "--eval_interval", "2"]
+    run(flags, tmp_path, "straight")
+    past, before = tmp_path / "past", tmp_path / "before"
+    for out in (past, before):  # a run checkpointed at step 2 that went on to step 3 before it was stopped
+        shutil.copytree(tmp_path / "straight", out)
+        shutil.copy(out / "ckpt-0000002.pt", out / "ckpt.pt")
+        (out / "ckpt-0000004.pt").unlink()
+    for out, line in ((past, 3), (before, 2)):  # weights.jsonl line 4: step 3 (past step 2); line 2: step 1
+        lines = (out / "weights.jsonl").read_text().splitlines(keepends=True)
+        lines[line] = lines[line][:40] + "\n"
+        (out / "weights.jsonl").write_text("".join(lines))
+    run(flags, tmp_path, "past", "--init_from", "resume")  # dropped, as the records around it are: then written again
+    assert read_jsonl(past / "weights.jsonl") == read_jsonl(tmp_path / "straight" / "weights.jsonl")
+    files = lambda: {p.name: p.read_bytes() for p in before.glob("*.*") if p.name != ".lock"}  # noqa: E731
+    written = files()
+    msg = bad_run(flags, tmp_path, "--out_dir", str(before), "--init_from", "resume")
+    assert msg.startswith(f"train.py: error: {before / 'weights.jsonl'} line 3 is damaged (") and msg.endswith(
+        "), a record of the run up to its checkpoint of step 2: delete that line to resume without it")
+    assert files() == written  # nothing written, args.json included
+
+
 def test_keep_last_prunes_old_checkpoints(tiny_flags, tmp_path):
     run(tiny_flags, tmp_path, "k", "--max_iters", "8", "--eval_interval", "2", "--keep_last", "2")
     assert sorted(p.name for p in (tmp_path / "k").glob("ckpt*.pt")) == ["ckpt-0000006.pt", "ckpt-0000008.pt",
@@ -596,6 +618,9 @@ def test_non_finite_losses_skip_the_step_and_name_the_documents(tiny_flags, tmp_
     monkeypatch.setattr(train, "forward_backward", poisoned)
     two = run(tiny_flags, tmp_path, "two", "--max_iters", "2", "--schedule", "constant", "--warmup_iters", "0")
     assert "non-finite loss in documents [" in capsys.readouterr().err
+    log = [json.loads(line, parse_constant=lambda c: pytest.fail(f"log.jsonl holds {c}, not JSON"))
+           for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log if r["type"] == "train"][1] is None  # the skipped step's mean loss: null
     for k, v in two["model"].state_dict().items():  # the bad step changed nothing
         assert torch.equal(v, one["model"].state_dict()[k]), k
 
@@ -623,6 +648,7 @@ def test_more_bad_input(tiny_flags, tiny_data, tmp_path):
     empty = tmp_path / "empty"
     shutil.copytree(tiny_data, empty)
     np.savez(empty / "train_docs.npz", offsets=np.zeros(1, dtype=np.int64), ids=np.zeros(0, dtype=np.int64))
+    (empty / "train.bin").write_bytes(b"")  # (its tokens too: the offsets must end where train.bin does)
     assert "no training samples" in bad_run(tiny_flags, tmp_path, "--data", str(empty))
     short = tmp_path / "short"  # a train.bin cut one byte short: the file is named, not numpy's message
     shutil.copytree(tiny_data, short)
@@ -632,6 +658,41 @@ def test_more_bad_input(tiny_flags, tiny_data, tmp_path):
     run(tiny_flags, tmp_path, "b32", "--max_iters", "1")  # a longer context than the checkpoint's positions
     assert "exceeds the model's 32 positions" in bad_run(tiny_flags, tmp_path, "--init_from", str(tmp_path / "b32"),
                                                          "--block_size", "64")
+
+
+def test_a_huge_tau_logs_the_tilted_loss_as_its_limit_the_mean(tiny_flags, tmp_path):
+    run(tiny_flags, tmp_path, "t", "--max_iters", "2", "--tau", "1e300")  # tau * log-mean-exp: its limit, not NaN
+    log = [json.loads(line, parse_constant=lambda c: pytest.fail(f"log.jsonl holds {c}, not JSON"))
+           for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
+    train_records = [r for r in log if r["type"] == "train"]
+    assert len(train_records) == 2 and all(r["tilted"] == pytest.approx(r["loss"], rel=1e-6) for r in train_records)
+
+
+def test_float16_on_a_cpu_is_warned_in_one_line_naming_bfloat16(capsys):
+    import cli
+    cli.check(cli.get_args(["--dtype", "float16", "--device", "cpu"]), 1, False)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train.py: warning: --dtype float16 on a CPU is slow and its loss "
+                                                   "scaler skips steps") and "use --dtype bfloat16" in err
+    for dtype in ("bfloat16", "auto"):
+        cli.check(cli.get_args(["--dtype", dtype, "--device", "cpu"]), 1, False)
+        assert capsys.readouterr().err == ""
+
+
+def test_damaged_data_is_one_line_before_training(tiny_flags, tiny_data, tmp_path):
+    cut, lost = tmp_path / "cut", tmp_path / "lost"
+    for folder in (cut, lost):
+        shutil.copytree(tiny_data, folder)
+    (cut / "train.bin").write_bytes((tiny_data / "train.bin").read_bytes()[:-64])  # whole tokens: the size is fine
+    (lost / "val.bin").unlink()
+    msg = bad_run(tiny_flags, tmp_path, "--data", str(cut))
+    assert msg.startswith(f"train.py: error: {cut / 'train.bin'} holds ") and "prepare it again with python" in msg
+    msg = bad_run(tiny_flags, tmp_path, "--data", str(lost))
+    assert msg.startswith(f"train.py: error: {lost / 'val.bin'} is missing") and f"--out_dir {lost}" in msg
+    msg = bad_run(tiny_flags, tmp_path, "--data", str(ROOT / "README.md"))
+    assert "README.md is a file, not a folder of prepared data: prepare it first with python prepare_data.py " \
+           "--dataset" in msg and msg.endswith("then pass --data data/README")
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def test_float16_recovers_from_gradient_overflow(tiny_flags, tmp_path, monkeypatch, capsys):
