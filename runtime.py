@@ -304,7 +304,7 @@ def drop_records_after(path, step):
 # -----------------------------------------------------------------------------
 # the run folder: one run owns it, one process at a time writes it
 
-RUN_FILES = ("args.json", "log.jsonl", "weights.jsonl", "ckpt.pt", "ckpt.tmp", "hf")
+RUN_FILES = ("args.json", "log.jsonl", "weights.jsonl", "ckpt.pt", "ckpt.tmp", "hf", "hf.tmp")
 
 
 HELD = {}  # out_dir -> its lock file, held by this process until finish()

@@ -600,6 +600,66 @@ def test_non_finite_losses_skip_the_step_and_name_the_documents(tiny_flags, tmp_
         assert torch.equal(v, one["model"].state_dict()[k]), k
 
 
+def test_a_diverging_run_stops_in_one_line_and_keeps_its_last_good_checkpoint(tiny_flags, tmp_path):
+    """--lr 1e6 from step 4 of a good run: no checkpoint or export of the NaN model, --keep_last 1 keeps the good one,
+    one line naming the learning rate and that checkpoint, exit 2."""
+    import safetensors.torch
+    common = [*tiny_flags, "--eval_interval", "2", "--keep_last", "1", "--schedule", "constant", "--warmup_iters", "0"]
+    run(common, tmp_path, "o", "--max_iters", "4")
+    out = tmp_path / "o"
+    export = (out / "hf" / "model.safetensors").read_bytes()
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "--out_dir", str(out), "--init_from", "resume",
+                        "--max_iters", "40", "--lr", "1e6"], capture_output=True, text=True)
+    errors = [line for line in p.stderr.splitlines() if not line.startswith(("step ", "train.py: warning:"))]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr
+    assert errors[0].startswith("train.py: error: training stopped at step ") and (
+        "likely cause the learning rate: lower --lr (it is 1e+06); the last checkpoint is intact "
+        f"({out}/ckpt.pt, step 4: go on from it with --init_from resume)") in errors[0]
+    assert sorted(p.name for p in out.glob("ckpt*.pt")) == ["ckpt-0000004.pt", "ckpt.pt"]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 4 and all(v.isfinite().all() for v in ckpt["model"].values())
+    assert (out / "hf" / "model.safetensors").read_bytes() == export  # the export of the good run, untouched
+    assert all(v.isfinite().all() for v in safetensors.torch.load_file(out / "hf" / "model.safetensors").values())
+
+
+def test_steps_skipped_in_a_row_stop_the_run_naming_the_documents(tiny_flags, tmp_path, monkeypatch, capsys):
+    original = train.forward_backward
+
+    def one_bad_sample(*a, **kw):  # from the fourth step on, the first sample's loss is NaN
+        losses, w = original(*a, **kw)
+        calls.append(1)
+        if len(calls) >= 4:
+            losses = losses.clone()
+            losses[0] = math.nan
+        return losses, w
+
+    calls = []
+    monkeypatch.setattr(train, "forward_backward", one_bad_sample)
+    with pytest.raises(SystemExit) as e:
+        run(tiny_flags, tmp_path, "o", "--max_iters", "100", "--eval_interval", "1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(calls) == 3 + runtime.MAX_SKIPPED
+    assert err[-1].startswith(f"train.py: error: training stopped at step {2 + runtime.MAX_SKIPPED}: "
+                              f"{runtime.MAX_SKIPPED} steps in a row skipped; likely cause the data: documents [")
+    # skipped steps leave the model as it was: checkpointed still, up to the step that stops the run
+    assert f"the last checkpoint is intact ({tmp_path / 'o'}/ckpt.pt, step {2 + runtime.MAX_SKIPPED}: " in err[-1]
+    assert len([line for line in err if "step skipped" in line]) == runtime.MAX_SKIPPED
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_exit_2(tiny_flags, tmp_path, monkeypatch, capsys):
+    from test_runtime import torch_save_on_a_full_disk
+    save, calls = torch.save, []
+    monkeypatch.setattr(torch, "save", lambda obj, f: (calls.append(1), (save if len(calls) < 2 else
+                                                                          torch_save_on_a_full_disk)(obj, f)))
+    with pytest.raises(SystemExit) as e:
+        run(tiny_flags, tmp_path, "o", "--max_iters", "6", "--eval_interval", "2")
+    out = tmp_path / "o"
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"train.py: error: no space left on device writing {out}/ckpt.pt: the last checkpoint is intact "
+        f"({out}/ckpt.pt, step 2: go on from it with --init_from resume)"]
+    assert not (out / "ckpt.tmp").exists() and torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
+
+
 def bad_run(tiny_flags, tmp_path, *flags):
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_flags, "--out_dir", str(tmp_path / "o"),
                         *flags], capture_output=True, text=True)
