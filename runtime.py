@@ -304,7 +304,7 @@ def drop_records_after(path, step):
 # -----------------------------------------------------------------------------
 # the run folder: one run owns it, one process at a time writes it
 
-RUN_FILES = ("args.json", "log.jsonl", "weights.jsonl", "ckpt.pt", "ckpt.tmp", "hf", "hf.tmp")
+RUN_FILES = ("args.json", "args.json.tmp", "log.jsonl", "weights.jsonl", "ckpt.pt", "ckpt.tmp", "hf", "hf.tmp")
 
 
 HELD = {}  # out_dir -> its lock file, held by this process until finish()
@@ -378,7 +378,7 @@ class RunLog:
         self.on = world()[0] == 0
         if not self.on:
             return
-        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
+        write_segments(out_dir, args, resume_step)
         if resume_step is not None:
             print(f"resuming from step {resume_step} of {out_dir}", flush=True)
         for name in ("log.jsonl", "weights.jsonl") if resume_step is not None else ():
@@ -416,6 +416,30 @@ class RunLog:
         if self.on:
             self.log_file.close()
             self.weights_file.close()
+
+
+def run_segments(out_dir):
+    """args.json: the flags of each segment of the run, [{"step": the step it took effect at, "args": its flags}, ...];
+    [] where there is none. (An older run's args.json holds one segment's flags alone: its step 0.)"""
+    path = out_dir / "args.json"
+    if not path.is_file():
+        return []
+    try:
+        record = json.loads(path.read_text())
+        return record["segments"] if "segments" in record else [dict(step=0, args=record)]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): restore it, or delete it to resume "
+                         "without the record of earlier segments' flags") from None
+
+
+def write_segments(out_dir, args, resume_step):
+    """args.json with this segment's flags appended; a resumed run drops the segments that began at or after its step
+    (as RunLog drops their records: nothing of them is left)."""
+    earlier = [s for s in run_segments(out_dir) if s["step"] < resume_step] if resume_step is not None else []
+    path, tmp = out_dir / "args.json", out_dir / "args.json.tmp"  # replaced whole: a kill keeps the old record
+    with writing(path, tmp):
+        tmp.write_text(json.dumps(dict(segments=earlier + [dict(step=resume_step or 0, args=vars(args))]), indent=1))
+    os.replace(tmp, path)
 
 
 def write_line(file, record):

@@ -280,6 +280,7 @@ def build_model(args, meta, data_dir):
         raise ValueError(f"{data_dir} has a vocabulary of {meta['vocab_size']} tokens, the model only "
                          f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
     model.grad_ckpt, model.loss_chunk = args.grad_ckpt, model.loss_chunk if args.loss_chunk is None else args.loss_chunk
+    vars(args).update({f: getattr(model.config, f) for f in cli.MODEL_FLAGS})  # args.json: the model's, not the flags
     return model, ckpt
 
 
@@ -329,8 +330,7 @@ def main(argv=None):
     device, dtype, ctx, scaler, model, optimizer, step = runtime.place(raw_model, ckpt, args, distributed)
     log = runtime.RunLog(Path(args.out_dir), args, resume_step=step if args.init_from == "resume" else None)
     log.print(runtime.run_line(raw_model, args, len(train_data["start"]), device, dtype))
-    # out of memory, diverged, a full disk: one line (naming the flags that need less, the cause), exit 2
-    with runtime.out_of_memory_exits(raw_model, args), runtime.failures_exit():
+    with runtime.out_of_memory_exits(raw_model, args), runtime.failures_exit():  # OOM, diverged, disk full: exit 2
         val_loss, sig = train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, val_data, step, log)
         state = runtime.model_state(raw_model)  # FSDP: a collective; finite: the last checkpoint was of these
         if log.on:
@@ -366,7 +366,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
             break
         if stop.requested(device):  # all ranks stop at the same step
             checkpoint(step, val_loss=val_loss)
-            log.print(f"stopped by {stop.name()} after step {step}: saved in {args.out_dir}; go on with --init_from resume")
+            log.print(f"stopped by {stop.name()} after step {step}: checkpoint saved; go on with --init_from resume")
             break
 
         t0 = time.time()

@@ -134,6 +134,22 @@ def test_finite_looks_at_every_parameter():
     assert not runtime.finite(model, torch.device("cpu"))
 
 
+def test_args_json_keeps_each_segment_and_a_resume_drops_those_it_replaces(tmp_path):
+    from argparse import Namespace as args
+    runtime.write_segments(tmp_path, args(lr=1), None)
+    runtime.write_segments(tmp_path, args(lr=2), 200)
+    runtime.write_segments(tmp_path, args(lr=3), 300)
+    assert runtime.run_segments(tmp_path) == [dict(step=0, args=dict(lr=1)), dict(step=200, args=dict(lr=2)),
+                                              dict(step=300, args=dict(lr=3))]
+    runtime.write_segments(tmp_path, args(lr=4), 200)  # resumed from step 200 again: the later segments are gone
+    assert [s["args"]["lr"] for s in runtime.run_segments(tmp_path)] == [1, 4]
+    runtime.write_segments(tmp_path, args(lr=5), None)  # a new run (--overwrite)
+    assert runtime.run_segments(tmp_path) == [dict(step=0, args=dict(lr=5))]
+    (tmp_path / "args.json").write_text(json.dumps(dict(lr=6, method="erm")))  # an older run's: its flags alone
+    assert runtime.run_segments(tmp_path) == [dict(step=0, args=dict(lr=6, method="erm"))]
+    assert not (tmp_path / "args.json.tmp").exists() and runtime.run_segments(tmp_path / "none") == []
+
+
 def test_drop_records_after_keeps_earlier_steps_and_the_eval_at_the_step(tmp_path):
     path = tmp_path / "log.jsonl"
     records = [dict(type="eval", step=0), dict(type="train", step=0), dict(type="train", step=1),

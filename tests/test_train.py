@@ -314,7 +314,7 @@ def test_weights_jsonl_midrank_is_uniform_on_the_kept_band(tiny_flags, tmp_path)
 def test_weights_jsonl_midrank_frac_portion_is_the_official_band(tiny_flags, tmp_path):
     run(tiny_flags, tmp_path, "official", "--method", "midrank", "--frac", "0.25", "--portion", "1",
         "--max_iters", "2", "--batch_size", "4", "--grad_accum", "3")
-    args = json.loads((tmp_path / "official" / "args.json").read_text())
+    args = json.loads((tmp_path / "official" / "args.json").read_text())["segments"][-1]["args"]
     assert (args["frac"], args["portion"], args["skip"], args["keep"]) == (0.25, 1, None, None)
     for r in read_jsonl(tmp_path / "official" / "weights.jsonl"):  # n = 12, c = int(0.25 * 12) = 3: ranks 3..5
         ranked = np.argsort(-np.array(r["loss"]), kind="stable")
@@ -358,6 +358,25 @@ def test_resume_gives_the_same_parameters_and_weights(tiny_flags, tmp_path):
     for k, v in resumed["model"].state_dict().items():
         assert torch.equal(v, straight[k]), k
     assert read_jsonl(tmp_path / "a" / "weights.jsonl") == read_jsonl(tmp_path / "b" / "weights.jsonl")
+
+
+def test_resume_with_other_flags_keeps_every_segments_flags(tiny_flags, tmp_path, capsys):
+    """IR-DRO for 2 steps, then ERM with another batch from step 2, then `--init_from resume` alone: args.json holds
+    the three segments, each with the step it took effect at, and weights.jsonl reads against them."""
+    out = tmp_path / "o"
+    run(tiny_flags, tmp_path, "o", "--method", "irdro", "--tau", "0.1", "--batch_size", "2", "--max_iters", "2",
+        "--eval_interval", "2")
+    run(tiny_flags, tmp_path, "o", "--method", "erm", "--batch_size", "4", "--max_iters", "4", "--init_from", "resume")
+    assert "--method erm differs from the resumed run's irdro" in capsys.readouterr().err
+    train.main(["--init_from", "resume", "--out_dir", str(out), "--max_iters", "6"])
+    segments = json.loads((out / "args.json").read_text())["segments"]
+    assert [(s["step"], s["args"]["method"], s["args"]["batch_size"], s["args"]["max_iters"]) for s in segments] == [
+        (0, "irdro", 2, 2), (2, "erm", 4, 4), (4, "erm", 4, 6)]
+    assert segments[0]["args"]["method_args"] == {"tau": 0.1} and segments[2]["args"]["n_embd"] == 32
+    for r in read_jsonl(out / "weights.jsonl"):
+        args = [s["args"] for s in segments if s["step"] <= r["step"]][-1]
+        n = args["batch_size"] * args["grad_accum"]
+        assert len(r["weight"]) == n and (np.allclose(r["weight"], 1 / n) == (args["method"] == "erm"))
 
 
 def test_continue_from_an_earlier_run(tiny_flags, tmp_path):
@@ -515,7 +534,8 @@ def test_pretrained_continual_training_runs_and_exports(tiny_llama, tmp_path):
     res = train.main(["--pretrained", str(folder), "--data", str(data), "--method", "irdro", "--tau", "1.0",
                       "--max_iters", "5", "--block_size", "32", "--batch_size", "4", "--eval_samples", "8",
                       "--device", "cpu", "--no-compile", "--out_dir", str(out)])
-    args = json.loads((out / "args.json").read_text())
+    (segment,) = json.loads((out / "args.json").read_text())["segments"]
+    args = segment["args"]
     assert args["lr"] == 2e-6 and args["schedule"] == "constant" and args["weight_decay"] == 0.01  # the recipe
     assert args["decay_params"] == "all" and args["beta2"] == 0.999  # torch.optim.AdamW(model.parameters(), lr)
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= {
