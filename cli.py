@@ -126,12 +126,47 @@ def parse(argv=None, parser=None):
     return (parser or build_parser()).parse_args(argv)
 
 
+# --init_from resume: the saved run's flags are the defaults, so that `--init_from resume` alone goes on with the same
+# run. A flag given that differs from them is warned (args.json keeps each segment's flags), except these, which say
+# where and how the run goes rather than what it learns (those in the first tuple are not taken from the saved run:
+# a run may move to another machine or launcher); the model's own flags cannot change at all.
+MACHINE_FLAGS = ("init_from", "out_dir", "overwrite", "device", "compile", "fsdp")
+QUIET_FLAGS = MACHINE_FLAGS + ("eval_interval", "keep_last", "wandb", "grad_ckpt", "loss_chunk")
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "dropout", "bias")  # as the model has them (build_model records them)
+BAND_FLAGS = ("skip", "keep", "frac", "portion")  # one pair sets MidRanking's band: the pair given wins whole
+
+
 def get_args(argv=None, parser=None):
-    """The flags, parsed and completed: the kind of run's defaults, the method's flags, the device."""
-    import reweight  # these load torch: after --help has had its answer
-    import runtime
+    """The flags, parsed and completed: the kind of run's defaults (on resume: the saved run's), the method's flags,
+    the device."""
+    import runtime  # loads torch: after --help has had its answer
     parser = parser or build_parser()
-    args = parse(argv, parser)
+    argv = sys.argv[1:] if argv is None else argv
+    given = {a.dest for a in parser._actions if a.option_strings and any(
+        arg == s or arg.startswith(s + "=") for arg in argv for s in a.option_strings)}
+    saved = None
+    if parse(argv, parser).init_from == "resume":
+        out_dir = complete(parser, parse(argv, parser), given, quiet=True).out_dir  # the run to go on with
+        try:
+            segments = runtime.run_segments(Path(out_dir))
+        except ValueError as e:
+            parser.error(str(e))
+        saved = segments[-1]["args"] if segments else None  # none: setup says there is no checkpoint to resume
+        if saved:
+            band = set() if given & set(BAND_FLAGS) else set(BAND_FLAGS)
+            keys = {a.dest for a in parser._actions} - set(MACHINE_FLAGS) - set(BAND_FLAGS) - given | band
+            parser.set_defaults(**{k: v for k, v in saved.items() if k in keys}, out_dir=out_dir)
+    args = complete(parser, parse(argv, parser), given)
+    if saved:
+        check_resumed(parser, args, saved, given)
+    return args
+
+
+def complete(parser, args, given, quiet=False):
+    """Parsed flags -> completed: the defaults that depend on the run, the method's own flags (a method flag given
+    that the method does not take is warned, unless quiet), out_dir's {run} filled in, the device."""
+    import reweight
+    import runtime
     official = args.frac is not None or args.portion is not None
     if official and (args.skip is not None or args.keep is not None):
         parser.error("--frac/--portion and --skip/--keep both set MidRanking's kept ranks: give one of the two pairs")
@@ -140,14 +175,12 @@ def get_args(argv=None, parser=None):
     for flag, value in defaults.items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
-    # a method flag on the command line that the method does not take is ignored: say so (sweeps pass them all)
-    given = {a.dest for a in parser._actions if a.option_strings and any(
-        arg == s or arg.startswith(s + "=") for arg in (sys.argv[1:] if argv is None else argv) for s in a.option_strings)}
     try:
         _, taken = reweight.method(args.method, **method_hparams(args))  # reweight.METHODS as they are now
     except ValueError as e:  # an unknown method
         parser.error(f"argument --method: {e}")
-    for flag in sorted(given & set(METHOD_FLAGS) - set(taken)):
+    # a method flag on the command line that the method does not take is ignored: say so (sweeps pass them all)
+    for flag in sorted(given & set(METHOD_FLAGS) - set(taken)) if not quiet else ():
         takes = ", ".join(f"--{k}" for k in taken) or "no method flags"
         print(f"{parser.prog}: warning: --{flag} does not apply to --method {args.method} (it takes {takes}): "
               "ignored", file=sys.stderr)
@@ -162,6 +195,21 @@ def get_args(argv=None, parser=None):
         args.dtype = "bfloat16"
     args.compile = args.compile is True or (args.compile == "auto" and device.type == "cuda")
     return args
+
+
+def check_resumed(parser, args, saved, given):
+    """A resumed run's flags given against the saved run's: the model's own refused (exit 2), any other warned."""
+    where = Path(args.out_dir) / "args.json"
+    for flag in sorted(given - set(QUIET_FLAGS)):
+        old, new = saved.get(flag, getattr(args, flag)), getattr(args, flag)
+        if old == new:
+            continue
+        if flag in MODEL_FLAGS or flag == "pretrained":
+            parser.error(f"--{flag} {new} differs from the resumed run's {old} ({where}): a resumed run keeps its "
+                         f"model; drop --{flag}, or start a new run in another --out_dir")
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once
+            print(f"{parser.prog}: warning: --{flag} {new} differs from the resumed run's {old}: it takes effect from "
+                  f"the step resumed at ({where} keeps both)", file=sys.stderr)
 
 
 def method_hparams(args):

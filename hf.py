@@ -10,6 +10,7 @@ for transformers and lm-evaluation-harness, tokenizer included).
 
 import functools
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 import prepare_data
+import runtime
 from model import GPT, GPTConfig, rope_inv_freq
 
 
@@ -408,17 +410,25 @@ def export(config, state_dict, out_dir, tokenizer=None):
     pretrained=OUT_DIR`). tokenizer: "gpt2" (GPT-2's, rebuilt from the vendored ranks), a checkpoint folder or
     hub name (its own tokenizer), or None (the weights alone)."""
     out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")  # written there, then moved in file by file: a failure (a full
+    shutil.rmtree(tmp, ignore_errors=True)  # disk: one line, runtime.writing) leaves no partial file in out_dir
+    with runtime.writing(out_dir, tmp):
+        tmp.mkdir(parents=True)
+        model = GPT.from_state_dict(config, state_dict)  # no initialisation: the weights are `state_dict`'s
+        special_ids = None
+        if tokenizer == "gpt2":
+            special_ids = write_gpt2_tokenizer(tmp, config.block_size)
+        elif tokenizer is not None:
+            try:
+                special_ids = save_tokenizer(tokenizer, tmp)
+            except prepare_data.DataError as e:  # after training: the model still goes out, with a way to finish it
+                print(f"export: no tokenizer in {out_dir}: the data's tokenizer {str(tokenizer)!r} does not load "
+                      f"({type(e.__cause__ or e).__name__}); "
+                      "save it there with AutoTokenizer.from_pretrained(ITS_FOLDER).save_pretrained(...)",
+                      file=sys.stderr)
+        save_pretrained(model, tmp, special_ids)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = GPT.from_state_dict(config, state_dict)  # no initialisation: the weights are `state_dict`'s
-    special_ids = None
-    if tokenizer == "gpt2":
-        special_ids = write_gpt2_tokenizer(out_dir, config.block_size)
-    elif tokenizer is not None:
-        try:
-            special_ids = save_tokenizer(tokenizer, out_dir)
-        except prepare_data.DataError as e:  # after training: the model still goes out, with a way to finish it
-            print(f"export: no tokenizer in {out_dir}: the data's tokenizer {str(tokenizer)!r} does not load "
-                  f"({type(e.__cause__ or e).__name__}); "
-                  "save it there with AutoTokenizer.from_pretrained(ITS_FOLDER).save_pretrained(...)", file=sys.stderr)
-    save_pretrained(model, out_dir, special_ids)
+    for f in tmp.iterdir():
+        os.replace(f, out_dir / f.name)
+    tmp.rmdir()
     print(f"exported {out_dir}")

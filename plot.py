@@ -41,6 +41,7 @@ def load_run(run_dir):
     if not weights or not any(r["type"] == "train" for r in log):
         raise PlotError(f"{run_dir} has no training steps logged yet: train for at least one step")
     args = json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").is_file() else {}
+    args = args["segments"][-1]["args"] if "segments" in args else args  # the latest segment's flags (older runs: one)
     return dict(dir=run_dir, log=log, weights=weights, args=args, label=run_label(run_dir, args))
 
 

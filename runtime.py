@@ -5,6 +5,7 @@ signals, checkpoint files, logs (console, jsonl, Weights & Biases) and progress 
 Nothing here knows about reweighting.
 """
 
+import errno
 import json
 import math
 import os
@@ -78,12 +79,16 @@ def start(device_name, distributed):
     return device
 
 
-def finish(distributed):
+def finish(distributed, signum=0):
+    """Leave: under torchrun together; a run stopped by a signal then exits 128 + its number (SIGTERM: 143), as a
+    killed process would, so that `train.py && next` does not take the stop for a finished run."""
     if distributed:  # leave together: a rank destroying its group while another still exports can hang
         dist.barrier()
         dist.destroy_process_group()
     while HELD:  # the run folders this process wrote are free again
         HELD.popitem()[1].close()
+    if signum:
+        sys.exit(128 + signum)
 
 
 # FSDP2 (fully_shard) runs on CUDA from torch 2.6, on CPU (gloo) from 2.7: 2.6's lacks the CPU stream no-ops it calls
@@ -233,14 +238,15 @@ def save_checkpoint(obj, out_dir, keep_last):
 
     Every file is written under a temporary name, flushed to disk and then renamed (atomic), and old
     checkpoints are pruned only after that: a crash at any moment leaves ckpt.pt complete, either the
-    old one or the new one, never a torn one."""
+    old one or the new one, never a torn one. A full disk: the partial file is removed, Failure (one line)."""
     path = out_dir / f"ckpt-{obj['step']:07d}.pt"
     tmp = out_dir / "ckpt.tmp"
     tmp.unlink(missing_ok=True)  # a kill between link and replace below leaves it a second name of a checkpoint
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    with writing(out_dir / "ckpt.pt", tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
     os.link(path, tmp)  # ckpt.pt: a second name for the same file, swapped in atomically
     os.replace(tmp, out_dir / "ckpt.pt")
@@ -249,6 +255,54 @@ def save_checkpoint(obj, out_dir, keep_last):
     os.close(fd)
     for old in sorted(out_dir.glob("ckpt-*.pt"))[:-keep_last]:
         old.unlink()
+
+
+class Failure(Exception):
+    """A run that cannot go on (its parameters diverged, the disk is full), in one line: main prints it as
+    `train.py: error: ...` and exits 2. What was written before it, the last checkpoint above all, is intact."""
+
+
+def disk_full(e):
+    """Whether `e` comes of a full disk: an OSError ENOSPC, or an error raised while handling one (torch.save's
+    zip writer turns it into `RuntimeError: ... unexpected pos`, the OSError in its __context__)."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextmanager
+def writing(path, tmp=None):
+    """Around a write of `path` (through `tmp`, a file or folder removed if the write fails): a full disk
+    becomes one line naming the file, rather than a traceback with the cause buried in it."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if not disk_full(e):
+            raise
+        raise Failure(f"no space left on device writing {path}: {last_checkpoint(path.parent)}") from None
+
+
+def last_checkpoint(out_dir):
+    """What is left of a run that fails: its last checkpoint (never one of non-finite parameters, save_run), or none."""
+    ckpts = sorted(Path(out_dir).glob("ckpt-*.pt"))
+    return ("the last checkpoint is intact" if ckpts else "no checkpoint had been written yet") + (
+        f" ({out_dir}/ckpt.pt, step {int(ckpts[-1].stem[5:])}: go on from it with --init_from resume)" if ckpts else "")
+
+
+@contextmanager
+def failures_exit():
+    """A Failure anywhere in training or at its end: one line on stderr (rank 0's: under torchrun every rank
+    raises the same divergence), exit 2."""
+    try:
+        yield
+    except Failure as e:
+        if world()[0] == 0:
+            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def load_checkpoint(path):
@@ -297,7 +351,7 @@ def kept_records(path, step):
 # -----------------------------------------------------------------------------
 # the run folder: one run owns it, one process at a time writes it
 
-RUN_FILES = ("args.json", "log.jsonl", "weights.jsonl", "ckpt.pt", "ckpt.tmp", "hf")
+RUN_FILES = ("args.json", "args.json.tmp", "log.jsonl", "weights.jsonl", "ckpt.pt", "ckpt.tmp", "hf", "hf.tmp")
 
 
 HELD = {}  # out_dir -> its lock file, held by this process until finish()
@@ -336,22 +390,24 @@ def claim_out_dir(out_dir, resume, overwrite):
 
 
 # -----------------------------------------------------------------------------
-# signals: a pre-empted or interrupted run finishes its step, checkpoints it and exits 0
+# signals: a pre-empted or interrupted run finishes its step, checkpoints it and exits 128 + the signal's number
 
 class StopSignal:
     def __init__(self):
-        self.received = []
+        self.received, self.signum = [], 0
         self.previous = {sig: signal.signal(sig, lambda signum, frame: self.received.append(signum))
                          for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def requested(self, device):
-        """True on every rank once any rank got SIGTERM/SIGINT: the ranks may get it at different moments."""
-        if not dist.is_initialized():
-            return bool(self.received)
-        return all_max(torch.tensor(float(bool(self.received)), device=device)).item() > 0
+        """The signal's number (SIGTERM 15, SIGINT 2) on every rank once any rank got one, else 0: the ranks may get it
+        at different moments, and agree on the step and on the exit code."""
+        self.signum = self.received[0] if self.received else 0
+        if dist.is_initialized():
+            self.signum = int(all_max(torch.tensor(float(self.signum), device=device)).item())
+        return self.signum
 
     def name(self):
-        return signal.Signals(self.received[0]).name if self.received else "a signal"
+        return signal.Signals(self.signum).name if self.signum else "a signal"
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -369,7 +425,7 @@ class RunLog:
         self.on = world()[0] == 0
         if not self.on:
             return
-        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
+        write_segments(out_dir, args, resume_step)
         if resume_step is not None:
             print(f"resuming from step {resume_step} of {out_dir}", flush=True)
         for name in ("log.jsonl", "weights.jsonl") if resume_step is not None else ():
@@ -390,18 +446,47 @@ class RunLog:
         """A train or eval record: log.jsonl, the console line `text`, and wandb."""
         if self.on:
             self.print(text)
-            write_line(self.log_file, record)
+            self.write(self.log_file, record)
             if self.wandb:
                 self.wandb.log({k: v for k, v in record.items() if k not in ("type", "step")}, step=record["step"])
 
     def weights(self, record):
         if self.on:
-            write_line(self.weights_file, record)
+            self.write(self.weights_file, record)
+
+    @staticmethod
+    def write(file, record):  # a full disk: one line; the torn last line is dropped on resume (drop_records_after)
+        with writing(Path(file.name)):
+            write_line(file, record)
 
     def close(self):
         if self.on:
             self.log_file.close()
             self.weights_file.close()
+
+
+def run_segments(out_dir):
+    """args.json: the flags of each segment of the run, [{"step": the step it took effect at, "args": its flags}, ...];
+    [] where there is none. (An older run's args.json holds one segment's flags alone: its step 0.)"""
+    path = out_dir / "args.json"
+    if not path.is_file():
+        return []
+    try:
+        record = json.loads(path.read_text())
+        return record["segments"] if "segments" in record else [dict(step=0, args=record)]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): restore it, or delete it to resume "
+                         "without the record of earlier segments' flags") from None
+
+
+def write_segments(out_dir, args, resume_step):
+    """args.json with this segment's flags appended; a resumed run drops the segments that began at or after its step
+    (as RunLog drops their records: nothing of them is left)."""
+    earlier = [s for s in run_segments(out_dir) if s["step"] < resume_step] if resume_step is not None else []
+    path, tmp = out_dir / "args.json", out_dir / "args.json.tmp"  # replaced whole: a kill keeps the old record
+    with writing(path, tmp):
+        tmp.write_text(json.dumps(dict(segments=earlier + [dict(step=resume_step or 0, args=vars(args))]), indent=1))
+    os.replace(tmp, path)
 
 
 def write_line(file, record):
@@ -532,22 +617,61 @@ def place(model, ckpt, args, distributed):
 
 
 def save_run(raw_model, optimizer, scaler, device, args, step, **extra):
-    """A checkpoint of the run at `step` (all ranks call: under FSDP gathering the state is a collective)."""
+    """A checkpoint of the run at `step` (all ranks call: under FSDP gathering the state is a collective). Never one of
+    non-finite parameters: the run stops instead (Failure), and the last good checkpoint stays the newest one."""
+    params, val_loss = finite(raw_model, device), extra.get("val_loss")  # huge finite parameters can give NaN losses
+    if not params or not math.isfinite(0 if val_loss is None else val_loss):
+        what = f"its val loss is {val_loss}" if params else "its parameters are not finite"
+        raise Failure(diverged(step, what, args, scaler))
     state = full_state(raw_model, optimizer, device)
     if world()[0] == 0:
         save_checkpoint(dict(state, scaler=scaler.state_dict(), model_args=asdict(raw_model.config), args=vars(args),
                              step=step, **extra), Path(args.out_dir), args.keep_last)
 
 
-def step_or_skip(optimizer, scaler, model, grad_clip, losses, docs, step, log):
+def finite(model, device):
+    """Whether every parameter on every rank is finite: one flag, all-reduced, so that all ranks agree. It waits for
+    the device: called at checkpoints and after skipped steps, never on every step."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP: this rank's shard
+    bad = torch.stack([~t.isfinite().all() for t in local]).any().float()
+    return all_max(bad.to(device)).item() == 0
+
+
+MAX_SKIPPED = 10  # steps skipped in a row (non-finite losses) before a run is stopped: it is not coming back
+
+
+def diverged(step, what, args, scaler, docs=None):
+    """The one line of a run stopped at `step`: what went wrong, its likely cause and the last good checkpoint."""
+    if scaler.is_enabled():
+        cause = "float16's narrow range: use --dtype bfloat16 (or float32)"
+    elif docs is not None:
+        cause = f"the data: documents {docs} give non-finite losses; check them, or drop them from the data"
+    else:
+        cause = f"the learning rate: lower --lr (it is {args.lr:g})"
+    return f"training stopped at step {step}: {what}; likely cause {cause}; {last_checkpoint(args.out_dir)}"
+
+
+def step_or_skip(optimizer, scaler, model, args, losses, docs, step, log, skipped=0):
     """The optimizer step, unless a loss is not finite (one corrupt sample must not poison the model) or float16
-    gradients overflowed; the gradients are cleared either way."""
+    gradients overflowed; the gradients are cleared either way. -> steps skipped in a row, counting this one.
+    MAX_SKIPPED in a row (non-finite losses; float16 overflows once the loss scale is below 1, where it no longer
+    helps): the run stops, Failure, naming the likely cause."""
     if not torch.isfinite(losses).all():
-        log.print(f"step {step}: non-finite loss in documents {docs[~torch.isfinite(losses).numpy()].tolist()}: "
-                  "step skipped", file=sys.stderr)
-    elif not optimizer_step(optimizer, scaler, model.parameters(), grad_clip):
+        bad = docs[~torch.isfinite(losses).numpy()].tolist()
+        log.print(f"step {step}: non-finite loss in documents {bad}: step skipped", file=sys.stderr)
+        skipped += 1
+    elif not optimizer_step(optimizer, scaler, model.parameters(), args.grad_clip):
         log.print(f"step {step}: float16 gradient overflow, step skipped, loss scale now {scaler.get_scale():g}")
+        skipped, bad = skipped + (scaler.get_scale() < 1), None
+    else:
+        skipped = 0
     optimizer.zero_grad(set_to_none=True)
+    if skipped >= MAX_SKIPPED:  # every loss bad, or the parameters: diverged (lr, float16); else a few bad documents
+        params = finite(model, next(model.parameters()).device)
+        data = params and bad is not None and len(bad) < len(docs)
+        raise Failure(diverged(step, f"{skipped} steps in a row skipped" + ("" if params else
+                               ", its parameters not finite"), args, scaler, docs=bad if data else None))
+    return skipped
 
 
 def to_device(t, device):

@@ -272,6 +272,7 @@ def build_model(args, meta, data_dir):
         raise ValueError(f"{data_dir} has a vocabulary of {meta['vocab_size']} tokens, the model only "
                          f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
     model.grad_ckpt, model.loss_chunk = args.grad_ckpt, model.loss_chunk if args.loss_chunk is None else args.loss_chunk
+    vars(args).update({f: getattr(model.config, f) for f in cli.MODEL_FLAGS})  # args.json: the model's, not the flags
     return model, ckpt
 
 
@@ -321,27 +322,27 @@ def main(argv=None):
     device, dtype, ctx, scaler, model, optimizer, step = runtime.place(raw_model, ckpt, args, distributed)
     log = runtime.RunLog(Path(args.out_dir), args, resume_step=step if args.init_from == "resume" else None)
     log.print(runtime.run_line(raw_model, args, len(train_data["start"]), device, dtype))
-    with runtime.out_of_memory_exits(raw_model, args):  # one line naming the flags that need less, exit 2
-        val_loss = train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, val_data, step, log)
-    state = runtime.model_state(raw_model)  # FSDP: a collective
-    if log.on:
-        log.close()
-        hf.export(raw_model.config, state, Path(args.out_dir) / "hf", hf.checkpoint_folder(args.pretrained) if
-                  args.pretrained else train_data["meta"].get("tokenizer_source", train_data["meta"]["tokenizer"]))
-        log.print(f"next: python plot.py {args.out_dir}  (figures) | {args.out_dir}/hf: for transformers, lm-eval")
-    runtime.finish(distributed)
+    with runtime.out_of_memory_exits(raw_model, args), runtime.failures_exit():  # OOM, diverged, disk full: exit 2
+        val_loss, sig = train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, val_data, step, log)
+        state = runtime.model_state(raw_model)  # FSDP: a collective; finite: the last checkpoint was of these
+        if log.on:
+            log.close()
+            hf.export(raw_model.config, state, Path(args.out_dir) / "hf", hf.checkpoint_folder(args.pretrained) if
+                      args.pretrained else train_data["meta"].get("tokenizer_source", train_data["meta"]["tokenizer"]))
+            log.print(f"next: python plot.py {args.out_dir}  (figures) | {args.out_dir}/hf: for transformers, lm-eval")
+    runtime.finish(distributed, sig)  # stopped by a signal: exits 128 + its number, once checkpointed
     return dict(val_loss=val_loss, model=raw_model)
 
 
 def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, val_data, step, log):
-    """The training loop, from `step` to max_iters; returns the last val loss."""
+    """The training loop, from `step` to max_iters. -> (the last val loss, the number of a signal that stopped it)"""
     rank, size = world()
     n_rank = args.batch_size * args.grad_accum
     n, n_train = n_rank * size, len(train_data["start"])
     hparams = cli.method_hparams(args)
     eval_set = np.sort(np.random.default_rng(0).permutation(len(val_data["start"]))[:args.eval_samples])
-    val_loss, last_eval = None, (step if args.init_from == "resume" else None)
-    stop = runtime.StopSignal()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
+    val_loss, last_eval, skipped = None, (step if args.init_from == "resume" else None), 0
+    stop = runtime.StopSignal()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 128 + the signal's number
     progress = runtime.Progress(raw_model, args.block_size, device, runtime.pick_dtype(args.dtype, device), step,
                                 args.max_iters)
     checkpoint = functools.partial(runtime.save_run, raw_model, optimizer, scaler, device, args,  # all ranks call
@@ -357,8 +358,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
             break
         if stop.requested(device):  # all ranks stop at the same step
             checkpoint(step, val_loss=val_loss)
-            log.print(f"stopped by {stop.name()} after step {step}: checkpoint saved in {args.out_dir}; "
-                      "continue with --init_from resume")
+            log.print(f"stopped by {stop.name()} after step {step}: checkpoint saved; go on with --init_from resume")
             break
 
         t0 = time.time()
@@ -371,7 +371,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
         losses, w = forward_backward(model, batches, args.method, hparams, ctx, scaler.scale)
         losses, w = losses.cpu(), w.cpu()  # the one device sync of the step
         docs = train_data["doc"][samples]
-        runtime.step_or_skip(optimizer, scaler, model, args.grad_clip, losses, docs, step, log)  # skip: non-finite
+        skipped = runtime.step_or_skip(optimizer, scaler, model, args, losses, docs, step, log, skipped)  # non-finite
         dt = time.time() - t0
 
         record = dict(type="train", step=step, loss=losses.mean().item(), wloss=(w * losses).sum().item(),
@@ -384,7 +384,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
         log.weights(dict(step=step, loss=losses.tolist(), weight=w.tolist(), doc=docs.tolist()))
         step += 1
     stop.restore()
-    return val_loss
+    return val_loss, stop.signum
 
 
 if __name__ == "__main__":

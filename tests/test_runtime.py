@@ -1,5 +1,6 @@
 """runtime.py: atomic checkpoint files, resumable logs, signals, the optimizer step with loss scaling."""
 
+import errno
 import json
 import os
 import random
@@ -10,6 +11,8 @@ import time
 
 import pytest
 import torch
+
+import hf
 
 import runtime
 from conftest import ROOT
@@ -49,6 +52,102 @@ def test_kill_9_at_any_moment_leaves_a_complete_checkpoint(tmp_path):
         last = ckpt["step"]
         assert len(list(out.glob("ckpt-*.pt"))) <= 3  # keep_last 2, plus at most one not yet pruned
     assert torn >= 3  # the kills did land while checkpoints were being written
+
+
+def no_space(*a, **kw):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def torch_save_on_a_full_disk(obj, f):
+    """torch.save on a full disk, as it fails: some bytes written, then its zip writer's RuntimeError raised while
+    handling the file's OSError ENOSPC (the OSError only in its __context__)."""
+    f.write(b"PK partial")
+    try:
+        no_space()
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3035968 vs 3035856")
+
+
+@pytest.mark.parametrize("save", [torch_save_on_a_full_disk, no_space])
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_intact(save, tmp_path, monkeypatch):
+    runtime.save_checkpoint(dict(step=1, model=dict(w=torch.ones(3))), tmp_path, 1)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(runtime.Failure) as e:
+        runtime.save_checkpoint(dict(step=2, model=dict(w=torch.ones(3))), tmp_path, 1)
+    assert str(e.value) == (f"no space left on device writing {tmp_path}/ckpt.pt: the last checkpoint is intact "
+                            f"({tmp_path}/ckpt.pt, step 1: go on from it with --init_from resume)")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and not (tmp_path / "ckpt.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-0000001.pt", "ckpt.pt"]
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other failure is not taken for a full disk
+        runtime.save_checkpoint(dict(step=2, model=dict(w=torch.ones(3))), tmp_path, 1)
+    assert not (tmp_path / "ckpt.tmp").exists()
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
+    args = type("Args", (), dict(wandb=None))()
+    log = runtime.RunLog(tmp_path, args)
+    log.record(dict(type="train", step=0), "step 1")
+    monkeypatch.setattr(runtime, "write_line", lambda file, record: (file.write('{"step": 1, "lo'), no_space()))
+    for write in (lambda: log.record(dict(type="train", step=1), "step 2"), lambda: log.weights(dict(step=1))):
+        with pytest.raises(runtime.Failure, match=f"^no space left on device writing {tmp_path}/(log|weights).jsonl: "
+                                                  "no checkpoint had been written yet$"):
+            write()
+
+
+def test_a_full_disk_while_exporting_leaves_no_partial_file(tmp_path, monkeypatch):
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    hf.export(model.config, model.state_dict(), tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+
+    def partial(model, out_dir, special_ids=None):
+        (out_dir / "model.safetensors").write_bytes(b"partial")
+        no_space()
+
+    monkeypatch.setattr(hf, "save_pretrained", partial)
+    with pytest.raises(runtime.Failure, match=f"^no space left on device writing {tmp_path}/hf: "):
+        hf.export(model.config, model.state_dict(), tmp_path / "hf")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before  # the old export, whole
+    assert not (tmp_path / "hf.tmp").exists()
+
+
+def test_the_one_line_of_a_diverged_run_names_the_likely_cause(tmp_path):
+    args = type("Args", (), dict(lr=1e6, out_dir=str(tmp_path)))()
+    scaler, fp16 = torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=True)
+    assert runtime.diverged(7, "its val loss is nan", args, scaler) == (
+        "training stopped at step 7: its val loss is nan; likely cause the learning rate: lower --lr (it is 1e+06); "
+        "no checkpoint had been written yet")
+    assert "likely cause float16's narrow range: use --dtype bfloat16" in runtime.diverged(7, "x", args, fp16)
+    runtime.save_checkpoint(dict(step=5), tmp_path, 2)
+    assert runtime.diverged(7, "10 steps in a row skipped", args, scaler, docs=[3, 9]).endswith(
+        "likely cause the data: documents [3, 9] give non-finite losses; check them, or drop them from the data; "
+        f"the last checkpoint is intact ({tmp_path}/ckpt.pt, step 5: go on from it with --init_from resume)")
+
+
+def test_finite_looks_at_every_parameter():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert runtime.finite(model, torch.device("cpu"))
+    with torch.no_grad():
+        model[1].bias[0] = float("inf")
+    assert not runtime.finite(model, torch.device("cpu"))
+
+
+def test_args_json_keeps_each_segment_and_a_resume_drops_those_it_replaces(tmp_path):
+    from argparse import Namespace as args
+    runtime.write_segments(tmp_path, args(lr=1), None)
+    runtime.write_segments(tmp_path, args(lr=2), 200)
+    runtime.write_segments(tmp_path, args(lr=3), 300)
+    assert runtime.run_segments(tmp_path) == [dict(step=0, args=dict(lr=1)), dict(step=200, args=dict(lr=2)),
+                                              dict(step=300, args=dict(lr=3))]
+    runtime.write_segments(tmp_path, args(lr=4), 200)  # resumed from step 200 again: the later segments are gone
+    assert [s["args"]["lr"] for s in runtime.run_segments(tmp_path)] == [1, 4]
+    runtime.write_segments(tmp_path, args(lr=5), None)  # a new run (--overwrite)
+    assert runtime.run_segments(tmp_path) == [dict(step=0, args=dict(lr=5))]
+    (tmp_path / "args.json").write_text(json.dumps(dict(lr=6, method="erm")))  # an older run's: its flags alone
+    assert runtime.run_segments(tmp_path) == [dict(step=0, args=dict(lr=6, method="erm"))]
+    assert not (tmp_path / "args.json.tmp").exists() and runtime.run_segments(tmp_path / "none") == []
 
 
 def test_drop_records_after_keeps_earlier_steps_and_the_eval_at_the_step(tmp_path):
@@ -157,7 +256,7 @@ def test_stop_signal_is_recorded_and_the_old_handler_restored():
     assert not stop.requested(torch.device("cpu"))
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.01)
-    assert stop.requested(torch.device("cpu")) and stop.name() == "SIGTERM"
+    assert stop.requested(torch.device("cpu")) == signal.SIGTERM and stop.name() == "SIGTERM"
     stop.restore()
     assert signal.getsignal(signal.SIGTERM) == before
 

@@ -133,7 +133,7 @@ def test_held_out_documents_are_never_trained_on(quick):
     assert not mix & titles("clean", "val") and not mix & titles("hard", "val")
     assert mix >= titles("hard", "train")  # every Milton training section is in the mix
     # the base model trained on clean scenes only
-    assert json.loads((out / "seed1" / "base" / "args.json").read_text())["data"] == str(data / "clean")
+    assert json.loads((out / "seed1" / "base" / "args.json").read_text())["segments"][0]["args"]["data"] == str(data / "clean")
 
 
 def test_noise_documents_are_shuffled_real_documents(quick):

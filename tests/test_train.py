@@ -314,7 +314,7 @@ def test_weights_jsonl_midrank_is_uniform_on_the_kept_band(tiny_flags, tmp_path)
 def test_weights_jsonl_midrank_frac_portion_is_the_official_band(tiny_flags, tmp_path):
     run(tiny_flags, tmp_path, "official", "--method", "midrank", "--frac", "0.25", "--portion", "1",
         "--max_iters", "2", "--batch_size", "4", "--grad_accum", "3")
-    args = json.loads((tmp_path / "official" / "args.json").read_text())
+    args = json.loads((tmp_path / "official" / "args.json").read_text())["segments"][-1]["args"]
     assert (args["frac"], args["portion"], args["skip"], args["keep"]) == (0.25, 1, None, None)
     for r in read_jsonl(tmp_path / "official" / "weights.jsonl"):  # n = 12, c = int(0.25 * 12) = 3: ranks 3..5
         ranked = np.argsort(-np.array(r["loss"]), kind="stable")
@@ -358,6 +358,25 @@ def test_resume_gives_the_same_parameters_and_weights(tiny_flags, tmp_path):
     for k, v in resumed["model"].state_dict().items():
         assert torch.equal(v, straight[k]), k
     assert read_jsonl(tmp_path / "a" / "weights.jsonl") == read_jsonl(tmp_path / "b" / "weights.jsonl")
+
+
+def test_resume_with_other_flags_keeps_every_segments_flags(tiny_flags, tmp_path, capsys):
+    """IR-DRO for 2 steps, then ERM with another batch from step 2, then `--init_from resume` alone: args.json holds
+    the three segments, each with the step it took effect at, and weights.jsonl reads against them."""
+    out = tmp_path / "o"
+    run(tiny_flags, tmp_path, "o", "--method", "irdro", "--tau", "0.1", "--batch_size", "2", "--max_iters", "2",
+        "--eval_interval", "2")
+    run(tiny_flags, tmp_path, "o", "--method", "erm", "--batch_size", "4", "--max_iters", "4", "--init_from", "resume")
+    assert "--method erm differs from the resumed run's irdro" in capsys.readouterr().err
+    train.main(["--init_from", "resume", "--out_dir", str(out), "--max_iters", "6"])
+    segments = json.loads((out / "args.json").read_text())["segments"]
+    assert [(s["step"], s["args"]["method"], s["args"]["batch_size"], s["args"]["max_iters"]) for s in segments] == [
+        (0, "irdro", 2, 2), (2, "erm", 4, 4), (4, "erm", 4, 6)]
+    assert segments[0]["args"]["method_args"] == {"tau": 0.1} and segments[2]["args"]["n_embd"] == 32
+    for r in read_jsonl(out / "weights.jsonl"):
+        args = [s["args"] for s in segments if s["step"] <= r["step"]][-1]
+        n = args["batch_size"] * args["grad_accum"]
+        assert len(r["weight"]) == n and (np.allclose(r["weight"], 1 / n) == (args["method"] == "erm"))
 
 
 def test_continue_from_an_earlier_run(tiny_flags, tmp_path):
@@ -515,7 +534,8 @@ def test_pretrained_continual_training_runs_and_exports(tiny_llama, tmp_path):
     res = train.main(["--pretrained", str(folder), "--data", str(data), "--method", "irdro", "--tau", "1.0",
                       "--max_iters", "5", "--block_size", "32", "--batch_size", "4", "--eval_samples", "8",
                       "--device", "cpu", "--no-compile", "--out_dir", str(out)])
-    args = json.loads((out / "args.json").read_text())
+    (segment,) = json.loads((out / "args.json").read_text())["segments"]
+    args = segment["args"]
     assert args["lr"] == 2e-6 and args["schedule"] == "constant" and args["weight_decay"] == 0.01  # the recipe
     assert args["decay_params"] == "all" and args["beta2"] == 0.999  # torch.optim.AdamW(model.parameters(), lr)
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= {
@@ -564,7 +584,7 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_is_exact(tiny_flags, tmp_pa
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "stopped by SIGTERM" in stdout
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in stdout  # not taken for a finished run
     stopped_at = torch.load(out / "ckpt.pt", weights_only=False)["step"]
     assert 3 <= stopped_at < 60
     resumed = run(common, tmp_path, "stopped", "--init_from", "resume")["model"].state_dict()
@@ -623,6 +643,66 @@ def test_non_finite_losses_skip_the_step_and_name_the_documents(tiny_flags, tmp_
     assert [r["loss"] for r in log if r["type"] == "train"][1] is None  # the skipped step's mean loss: null
     for k, v in two["model"].state_dict().items():  # the bad step changed nothing
         assert torch.equal(v, one["model"].state_dict()[k]), k
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_its_last_good_checkpoint(tiny_flags, tmp_path):
+    """--lr 1e6 from step 4 of a good run: no checkpoint or export of the NaN model, --keep_last 1 keeps the good one,
+    one line naming the learning rate and that checkpoint, exit 2."""
+    import safetensors.torch
+    common = [*tiny_flags, "--eval_interval", "2", "--keep_last", "1", "--schedule", "constant", "--warmup_iters", "0"]
+    run(common, tmp_path, "o", "--max_iters", "4")
+    out = tmp_path / "o"
+    export = (out / "hf" / "model.safetensors").read_bytes()
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "--out_dir", str(out), "--init_from", "resume",
+                        "--max_iters", "40", "--lr", "1e6"], capture_output=True, text=True)
+    errors = [line for line in p.stderr.splitlines() if not line.startswith(("step ", "train.py: warning:"))]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr
+    assert errors[0].startswith("train.py: error: training stopped at step ") and (
+        "likely cause the learning rate: lower --lr (it is 1e+06); the last checkpoint is intact "
+        f"({out}/ckpt.pt, step 4: go on from it with --init_from resume)") in errors[0]
+    assert sorted(p.name for p in out.glob("ckpt*.pt")) == ["ckpt-0000004.pt", "ckpt.pt"]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 4 and all(v.isfinite().all() for v in ckpt["model"].values())
+    assert (out / "hf" / "model.safetensors").read_bytes() == export  # the export of the good run, untouched
+    assert all(v.isfinite().all() for v in safetensors.torch.load_file(out / "hf" / "model.safetensors").values())
+
+
+def test_steps_skipped_in_a_row_stop_the_run_naming_the_documents(tiny_flags, tmp_path, monkeypatch, capsys):
+    original = train.forward_backward
+
+    def one_bad_sample(*a, **kw):  # from the fourth step on, the first sample's loss is NaN
+        losses, w = original(*a, **kw)
+        calls.append(1)
+        if len(calls) >= 4:
+            losses = losses.clone()
+            losses[0] = math.nan
+        return losses, w
+
+    calls = []
+    monkeypatch.setattr(train, "forward_backward", one_bad_sample)
+    with pytest.raises(SystemExit) as e:
+        run(tiny_flags, tmp_path, "o", "--max_iters", "100", "--eval_interval", "1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(calls) == 3 + runtime.MAX_SKIPPED
+    assert err[-1].startswith(f"train.py: error: training stopped at step {2 + runtime.MAX_SKIPPED}: "
+                              f"{runtime.MAX_SKIPPED} steps in a row skipped; likely cause the data: documents [")
+    # skipped steps leave the model as it was: checkpointed still, up to the step that stops the run
+    assert f"the last checkpoint is intact ({tmp_path / 'o'}/ckpt.pt, step {2 + runtime.MAX_SKIPPED}: " in err[-1]
+    assert len([line for line in err if "step skipped" in line]) == runtime.MAX_SKIPPED
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_exit_2(tiny_flags, tmp_path, monkeypatch, capsys):
+    from test_runtime import torch_save_on_a_full_disk
+    save, calls = torch.save, []
+    monkeypatch.setattr(torch, "save", lambda obj, f: (calls.append(1), (save if len(calls) < 2 else
+                                                                          torch_save_on_a_full_disk)(obj, f)))
+    with pytest.raises(SystemExit) as e:
+        run(tiny_flags, tmp_path, "o", "--max_iters", "6", "--eval_interval", "2")
+    out = tmp_path / "o"
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"train.py: error: no space left on device writing {out}/ckpt.pt: the last checkpoint is intact "
+        f"({out}/ckpt.pt, step 2: go on from it with --init_from resume)"]
+    assert not (out / "ckpt.tmp").exists() and torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
 
 
 def bad_run(tiny_flags, tmp_path, *flags):
