@@ -131,8 +131,9 @@ def parse(argv=None, parser=None):
 # where and how the run goes rather than what it learns (those in the first tuple are not taken from the saved run:
 # a run may move to another machine or launcher); the model's own flags cannot change at all.
 MACHINE_FLAGS = ("init_from", "out_dir", "overwrite", "device", "compile", "fsdp")
-QUIET_FLAGS = MACHINE_FLAGS + ("eval_interval", "keep_last", "wandb", "grad_ckpt", "loss_chunk")
+QUIET_FLAGS = MACHINE_FLAGS + ("max_iters", "eval_interval", "keep_last", "wandb", "grad_ckpt", "loss_chunk")
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "dropout", "bias")  # as the model has them (build_model records them)
+STATE_FLAGS = ("optim", "param_dtype")  # the form of the optimizer state and weights a checkpoint holds
 BAND_FLAGS = ("skip", "keep", "frac", "portion")  # one pair sets MidRanking's band: the pair given wins whole
 
 
@@ -200,16 +201,19 @@ def complete(parser, args, given, quiet=False):
 def check_resumed(parser, args, saved, given):
     """A resumed run's flags given against the saved run's: the model's own refused (exit 2), any other warned."""
     where = Path(args.out_dir) / "args.json"
-    for flag in sorted(given - set(QUIET_FLAGS)):
-        old, new = saved.get(flag, getattr(args, flag)), getattr(args, flag)
-        if old == new:
-            continue
+    changed = {flag: (saved.get(flag, getattr(args, flag)), getattr(args, flag)) for flag in sorted(given - set(
+        QUIET_FLAGS)) if saved.get(flag, getattr(args, flag)) != getattr(args, flag)}
+    for flag, (old, new) in changed.items():  # refused before anything is warned
         if flag in MODEL_FLAGS or flag == "pretrained":
             parser.error(f"--{flag} {new} differs from the resumed run's {old} ({where}): a resumed run keeps its "
                          f"model; drop --{flag}, or start a new run in another --out_dir")
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once
-            print(f"{parser.prog}: warning: --{flag} {new} differs from the resumed run's {old}: it takes effect from "
-                  f"the step resumed at ({where} keeps both)", file=sys.stderr)
+        if flag in STATE_FLAGS:  # a new run can start from the weights with a new optimizer
+            parser.error(f"--{flag} {new} differs from the resumed run's {old} ({where}): a resumed run keeps its "
+                         f"optimizer state; drop --{flag}, or start a new run from its weights: --init_from "
+                         f"{args.out_dir} --out_dir ANOTHER")
+    for flag, (old, new) in changed.items() if int(os.environ.get("RANK", "0")) == 0 else ():  # torchrun: once
+        print(f"{parser.prog}: warning: --{flag} {new} differs from the resumed run's {old}: it takes effect from "
+              f"the step resumed at ({where} keeps both)", file=sys.stderr)
 
 
 def method_hparams(args):

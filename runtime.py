@@ -589,15 +589,6 @@ def load_model(path, dtype=None):
     return model, ckpt
 
 
-def check_resume(ckpt, args, path):
-    """A resumed run's optimizer state is in the form of the saved run's --optim and --param_dtype: refused in another."""
-    for flag, default in (("optim", "adamw"), ("param_dtype", "float32")) if args.init_from == "resume" else ():
-        saved = ckpt.get("args", {}).get(flag, default)  # (checkpoints from before the flag: the default)
-        if getattr(args, flag) != saved:
-            raise ValueError(f"{path} was saved with --{flag} {saved} (its optimizer state is kept so): resume with "
-                             f"--{flag} {saved}, or start a new run from it: --init_from {path.parent} --out_dir ANOTHER")
-
-
 def place(model, ckpt, args, distributed):
     """Device, precision, sharding, AdamW, the resumed state and compilation of the model to train.
     -> (device, dtype, autocast context, loss scaler, model as trained (wrapped), optimizer, first step)"""

@@ -250,7 +250,6 @@ def build_model(args, meta, data_dir):
     if args.init_from != "scratch":  # one of our own runs: this one (resume) or an earlier one
         path = Path(args.out_dir if args.init_from == "resume" else args.init_from) / "ckpt.pt"
         model, ckpt = runtime.load_model(path, getattr(torch, args.param_dtype))
-        runtime.check_resume(ckpt, args, path)
         if ckpt.get("tokenizer") != prepare_data.tokenizer_id(meta):
             raise ValueError(f"{path} was trained on {ckpt.get('tokenizer')} tokens but {data_dir} holds "
                              f"{prepare_data.tokenizer_id(meta)} tokens: prepare the data with the model's tokenizer")
