@@ -7,6 +7,7 @@ model, data and effective batch (with gradient accumulation), and their ratios t
     python bench.py --vs-hf                  # our training step vs transformers' on OPT / LLaMA shapes
     python bench.py --vs-nanogpt ../nanoGPT  # nanoGPT's CPU quick start vs our default run, back to back
     python bench.py --loss 2048,256,128256   # the per-sample loss alone: full logits, ours, torch's
+    python bench.py --gpu                    # the GPU check, one call, < 5 min (--device cpu: its CPU mode)
 
 Methods are interleaved step by step (mean, erm, midrank, irdro, mean, ...) so that a slow moment of the
 machine hits all of them alike; the median step time of each is reported. "mean" is the plain step with no
@@ -20,6 +21,14 @@ max allocated on CUDA, above what the process held before loading) is its own.
 
 --loss T,C,V times the per-sample loss alone, forward and backward, in its three forms: from full logits, ours
 (loss.py, chunked) and torch's F.linear_cross_entropy (torch 2.13+), each in a process of its own for its memory.
+
+--gpu runs the check a GPU machine lent for minutes needs to run once (docs/benchmarks.md): ours vs transformers
+compiled in bf16 at the OPT-125m and Llama-3.2-1B shapes (tok/s, MFU, peak memory, compile time); IR-DRO and
+MidRanking against ERM with the graphs torch.compile made for each; the loss's memory at 16k tokens x 128256; a
+50-step train.py --pretrained run. Each part runs in processes of its own within a share of --budget seconds, in
+that order, and one that runs out of time is cut short with a note; --out gets gpu-check.json and gpu-check.md,
+rewritten after every part. It needs no datasets, torchao or network. With --device cpu the same code runs on
+tiny shapes in float32 with dynamo's eager backend (seconds to minutes: tests/test_bench.py), measuring nothing.
 
 --vs-nanogpt DIR runs, in a clone of https://github.com/karpathy/nanoGPT, the CPU quick start of its README
 (train_shakespeare_char at 4 layers of 128, block 64, batch 12, 2000 iterations, dropout 0, no compile) on our
@@ -71,7 +80,7 @@ def main():
     p.add_argument("--loss-worker", dest="loss_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--gpu", action="store_true", help="the GPU check, see above (--device cpu: its CPU mode)")
     p.add_argument("--out", dest="gpu_out", default="out/gpu-check", help="--gpu: where gpu-check.json/.md go")
-    p.add_argument("--budget", type=float, default=285, help="--gpu: seconds for the whole check, shared by its parts")
+    p.add_argument("--budget", type=float, default=280, help="--gpu: seconds for the whole check, shared by its parts")
     p.add_argument("--parts", dest="gpu_parts", nargs="+", default=list(GPU_PARTS), choices=list(GPU_PARTS),
                    help="--gpu: the parts to run (in their order)")
     p.add_argument("--compile-backend", dest="compile_backend", default="inductor", help=argparse.SUPPRESS)
@@ -425,9 +434,19 @@ class GpuCheck:
         self.batch, self.block, self.grad_accum = (8, 512, 2) if big else (2, 32, 2)
         self.steps, self.warmup = (10, 3) if big else (2, 1)
         self.loss_shape = "16384,2048,128256" if big else "64,32,128256"  # 16k tokens at Llama-3's vocabulary
-        self.train_steps = 50 if big else 8
+        # train.py: steps; eval samples; documents of the corpus; compiled (on CPU inductor would take minutes)
+        self.train_steps, self.train_flags = (50, ["--eval_samples", "32", "--compile"]) if big else (
+            8, ["--eval_samples", "8", "--no-compile"])
+        self.max_docs = None if big else 20
         self.shapes = gpu_shapes(big)
         self.folders, self.deadline = {}, None
+        # the check's own CUDA-only calls (the workers have theirs: synchronize, max_memory_allocated): here alone
+        self.name = torch.cuda.get_device_name(device) if self.cuda else "cpu"
+        self.peak = runtime.peak_of(self.name) if self.cuda else None  # bf16 dense FLOP/s; None: no MFU
+
+    def free_cache(self):
+        if self.cuda:  # what this process keeps on the GPU while the workers run: its context alone
+            torch.cuda.empty_cache()
 
     def step_flags(self):
         return ["--device", str(self.device), "--dtype", self.dtype, "--compile", "--compile-backend", self.backend,
@@ -437,17 +456,17 @@ class GpuCheck:
     def left(self):
         return self.deadline - time.perf_counter()
 
-    def worker(self, argv, what):
-        """bench.py argv in a process of its own (its memory its own), within the part's time -> (its JSON line,
-        None) or (None, why not)."""
+    def worker(self, argv, what, env=None):
+        """bench.py argv in a process of its own (its memory its own), within the part's time -> (its JSON line
+        with its wall_s and stderr, None) or (None, why not)."""
         if self.left() < 5:
             return None, f"{what}: skipped, the part's time cap was reached"
-        rc, out, err, wall = run_capped([sys.executable, __file__, *argv], self.left())
+        rc, out, err, wall = run_capped([sys.executable, __file__, *argv], self.left(), env=env)
         if rc is None:
             return None, f"{what}: stopped after {wall:.0f} s at the part's time cap"
         if rc:
             return None, f"{what}: failed (exit {rc}): {(err.strip().splitlines() or ['?'])[-1][:300]}"
-        return dict(json.loads(out.strip().splitlines()[-1]), wall_s=round(wall, 1)), None
+        return dict(json.loads(out.strip().splitlines()[-1]), wall_s=round(wall, 1), stderr=err), None
 
 
 def gpu_shapes(big):
@@ -461,11 +480,11 @@ def gpu_shapes(big):
                                                             num_key_value_heads=2, max_position_embeddings=64))}
 
 
-def run_capped(cmd, timeout, cwd=None):
+def run_capped(cmd, timeout, cwd=None, env=None):
     """cmd in a session of its own, killed with all it started (inductor's compile workers) once past timeout.
     -> (exit status, None if killed; stdout; stderr; seconds)"""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
                          start_new_session=True)
     try:
         out, err = p.communicate(timeout=max(timeout, 1))
@@ -482,11 +501,15 @@ def gpu_check(args):
     try:
         device = runtime.pick_device(args.device)
     except ValueError as e:
-        sys.exit(f"bench.py: error: {e}")
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if device.type not in ("cuda", "cpu") or (args.device == "auto" and device.type != "cuda"):
         print(f"bench.py: error: --gpu found no CUDA device (auto picked {device}): run it on a GPU machine, or pass "
               "--device cpu for its CPU mode (tiny shapes, seconds: it checks the code, it measures nothing)",
               file=sys.stderr)
+        sys.exit(2)
+    if not args.budget > 0:
+        print(f"bench.py: error: --budget must be > 0 seconds, got {args.budget}", file=sys.stderr)
         sys.exit(2)
     parts = [p for p in GPU_PARTS if p in args.gpu_parts]
     t0 = time.perf_counter()
@@ -500,7 +523,10 @@ def gpu_check(args):
             later = sum(GPU_PARTS[p][0] for p in parts[i + 1:]) * args.budget
             check.deadline = t0 + args.budget - later
             started = time.perf_counter()
-            result = {"vs_hf": part_vs_hf, "methods": part_methods, "loss": part_loss, "train": part_train}[part](check)
+            try:  # a part that breaks must not take the later ones with it: the machine is lent once
+                result = GPU_PART_RUNS[part](check)
+            except Exception as e:
+                result = dict(title=GPU_PARTS[part][1], notes=[f"failed: {type(e).__name__}: {str(e)[:300]}"])
             result["wall_s"] = round(time.perf_counter() - started, 1)
             result["cap_s"] = round(check.deadline - started, 1)
             report["parts"][part] = result
@@ -513,10 +539,9 @@ def gpu_check(args):
 
 def gpu_report_head(check, parts):
     import transformers
-    name = torch.cuda.get_device_name(check.device) if check.cuda else "cpu"
     return dict(command="python " + " ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 mode="gpu" if check.cuda else "cpu (tiny shapes: checks the code, measures nothing)",
-                device=name, peak_flops=runtime.peak_of(name) if check.cuda else None, torch=torch.__version__,
+                device=check.name, peak_flops=check.peak, torch=torch.__version__,
                 cuda=torch.version.cuda, transformers=transformers.__version__, python=sys.version.split()[0],
                 dtype=check.dtype, compile_backend=check.backend, budget_s=check.args.budget, parts_run=parts,
                 parts={})
@@ -538,8 +563,7 @@ def write_checkpoints(check):
         if config.model_type == "llama":
             hf.write_gpt2_tokenizer(folder, check.block)
         folders[name] = folder
-    if check.cuda:
-        torch.cuda.empty_cache()  # what this process keeps on the GPU while the workers run: its context alone
+    check.free_cache()
     return folders
 
 
@@ -564,7 +588,8 @@ def part_vs_hf(check):
                 continue
             ms = r["ms"][side]
             res.setdefault(shape, {})[side] = dict(
-                ms=round(ms, 2), tok_per_s=round(tokens / ms * 1e3), compile_s=round((r["first_ms"][side] - ms) / 1e3, 1),
+                ms=round(ms, 2), tok_per_s=round(tokens / ms * 1e3),
+                compile_s=round((r["first_ms"][side] - ms) / 1e3, 1),
                 mfu=mfu(fpt * tokens / ms * 1e3, check), peak_gib=round(r["peak"] / 2**30, 3), params=r["params"],
                 attention=r["attention"][side], wall_s=r["wall_s"])
         sides = res.get(shape, {})
@@ -572,14 +597,13 @@ def part_vs_hf(check):
             sides["ours_vs_hf"] = dict(tok_per_s=round(sides["ours"]["tok_per_s"] / sides["hf"]["tok_per_s"], 3),
                                        peak=round(sides["ours"]["peak_gib"] / sides["hf"]["peak_gib"], 3))
     return dict(title=GPU_PARTS["vs_hf"][1], batch=f"{check.batch} x {check.block}", shapes=res, notes=notes,
-                how="each side in a fresh process: its peak is torch.cuda.max_memory_allocated (CPU: max RSS) above "
+                how="each side in a fresh process, one after the other (not alternating): its peak is torch.cuda.max_memory_allocated (CPU: max RSS) above "
                     "what it held before loading; ours: the --pretrained AdamW (fused), transformers: "
                     "torch.optim.AdamW(model.parameters()) and the per-sample loss from its logits")
 
 
 def mfu(flops_per_s, check):
-    peak = runtime.peak_of(torch.cuda.get_device_name(check.device)) if check.cuda else None
-    return round(flops_per_s / peak, 4) if peak else None
+    return round(flops_per_s / check.peak, 4) if check.peak else None
 
 
 def part_methods(check):
@@ -588,10 +612,14 @@ def part_methods(check):
     res, notes = {}, []
     for shape, folder in check.folders.items():
         r, note = check.worker(["--methods-worker", str(folder), "--grad_accum", str(check.grad_accum),
-                                *check.step_flags()], f"{shape} methods")
+                                *check.step_flags()], f"{shape} methods", env=dict(os.environ, TORCH_LOGS="recompiles"))
         if note:
             notes.append(note)
             continue
+        # dynamo's own words for the guards that failed: "0/1: tensor 'idx' size mismatch at index 0. expected 8,
+        # actual 4" (graph 1 of frame 0); a recompile lists those of every graph it could not use
+        why = re.findall(r"\[__recompiles\]\s+- (\d+/\d+: .*)$", r.pop("stderr"), re.M)
+        r["recompile_reasons"] = sorted({w[:160] for w in why})[:10]
         res[shape] = r
     return dict(title=GPU_PARTS["methods"][1], batch=f"{check.grad_accum} x {check.batch} x {check.block}",
                 shapes=res, notes=notes, how="ours compiled, the methods interleaved step by step in one process "
@@ -617,16 +645,19 @@ def methods_worker(args):
     def batches_of(k):  # fresh tokens every step: MidRanking's kept rows, and so its shapes, change as in training
         g = torch.Generator().manual_seed(k)
         x = torch.randint(min(vocab, 50257), (n, args.block_size + 1), generator=g)
-        return [(x[i:i + args.batch_size, :-1].to(device), x[i:i + args.batch_size, 1:].to(device))
-                for i in range(0, n, args.batch_size)]
+        return [(x[i:i + args.batch_size, :-1].contiguous().to(device),  # contiguous, as train.get_batch's
+                 x[i:i + args.batch_size, 1:].contiguous().to(device)) for i in range(0, n, args.batch_size)]
 
     times, peak, graphs = time_methods(model, optimizer, batches_of, METHODS_TIMED, cli.method_hparams(args), ctx,
                                        device, args.warmup, args.steps)
     erm = statistics.median(times["erm"])
-    print(json.dumps({m: dict(ms=round(statistics.median(t) * 1e3, 2), x_erm=round(statistics.median(t) / erm, 3),
-                              peak_gib=None if peak[m] is None else round(peak[m] / 2**30, 3),
-                              graphs_warmup=graphs[m][0], graphs_after_warmup=graphs[m][1])
-                      for m, t in times.items()}))
+    from torch._dynamo.utils import counters  # all of them, in case a torch renames the one counted
+    print(json.dumps(dict(methods={m: dict(ms=round(statistics.median(t) * 1e3, 2),
+                                           x_erm=round(statistics.median(t) / erm, 3),
+                                           peak_gib=None if peak[m] is None else round(peak[m] / 2**30, 3),
+                                           graphs_warmup=graphs[m][0], graphs_after_warmup=graphs[m][1])
+                                  for m, t in times.items()},
+                          counters={k: dict(counters[k]) for k in ("stats", "frames") if k in counters})))
 
 
 def part_loss(check):
@@ -651,25 +682,30 @@ def part_loss(check):
 def part_train(check):
     """5. train.py --pretrained on the LLaMA-shape checkpoint (GPT-2 tokenizer) and the built-in corpus prepared with
     it, compiled, in bf16 on the GPU; stopped at the part's cap. Does the loss fall, is the step time steady?"""
+    if check.left() < 10:
+        return dict(title=GPU_PARTS["train"][1], notes=["skipped: no time left in the budget"])
     folder = check.folders["Llama-3.2-1B"]
     data = prepare_data.prepare(tokenizer="gpt2", out_dir=check.tmp / "shakespeare-gpt2",
-                                max_docs=None if check.cuda else 20)
+                                max_docs=check.max_docs)
     run = check.tmp / "run"
     # lr 1e-4, not the recipe's 2e-6: a random checkpoint moves too little at 2e-6 in 50 steps to show the fall
     cmd = [sys.executable, str(Path(__file__).parent / "train.py"), "--pretrained", str(folder), "--data", str(data),
            "--method", "irdro", "--max_iters", str(check.train_steps), "--eval_interval", str(check.train_steps),
-           "--eval_samples", "32" if check.cuda else "8", "--batch_size", str(check.batch), "--block_size",
-           str(check.block), "--lr", "1e-4", "--device", str(check.device), "--dtype", check.dtype,
-           "--compile" if check.cuda else "--no-compile", "--out_dir", str(run)]
+           "--batch_size", str(check.batch), "--block_size", str(check.block), "--lr", "1e-4", "--device",
+           str(check.device), "--dtype", check.dtype, *check.train_flags, "--out_dir", str(run)]
     rc, out, err, wall = run_capped(cmd, check.left())
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] if (
         run / "log.jsonl").exists() else []
     ms = [int(v) for v in re.findall(r"^step \d+/\d+ \|.* \| (\d+) ms \|", out, re.M)]  # the step lines' step time
     res = dict(title=GPU_PARTS["train"][1], command=" ".join(["python", *cmd[1:]]), exit=rc, wall_s=round(wall, 1),
-               steps_done=len(ms), notes=[] if rc == 0 else [
-                   "stopped at the part's time cap" if rc is None else
-                   f"failed (exit {rc}): {(err.strip().splitlines() or ['?'])[-1][:300]}"])
+               steps_done=len(ms), notes=[])
     res.update(train_summary(records, ms))
+    done = len(ms) == check.train_steps and [s for s, _ in res["val_loss"]][-1:] == [check.train_steps]
+    if rc is None:  # after its last evaluation train.py writes a checkpoint (16 bytes a parameter) and the export
+        res["notes"].append("stopped at the part's time cap " + ("after every step and the last evaluation, while "
+                            "writing the checkpoint or the export" if done else f"after {len(ms)} steps"))
+    elif rc:
+        res["notes"].append(f"failed (exit {rc}): {(err.strip().splitlines() or ['?'])[-1][:300]}")
     return res
 
 
@@ -715,8 +751,10 @@ def write_gpu_report(check, report):
         if part is None:
             lines.append("not run yet")
             continue
-        lines += GPU_TABLES[name](part) + [""] + [f"- {n}" for n in part["notes"]]
-        lines.append(f"- {part.get('how', part.get('command', ''))}; {part['wall_s']} s of a {part['cap_s']} s cap")
+        lines += (GPU_TABLES[name](part) if "how" in part or "command" in part else []) + [""]
+        lines += [f"- {n}" for n in part["notes"]]
+        lines.append(f"- {part.get('how') or part.get('command') or 'nothing measured'}; {part['wall_s']} s of a "
+                     f"{part['cap_s']} s cap")
     (check.out / "gpu-check.md").write_text("\n".join(lines) + "\n")
 
 
@@ -740,12 +778,13 @@ def table_vs_hf(part):
 
 def table_methods(part):
     rows = ["| shape | method | ms/step | x ERM | peak GiB | graphs in warm-up | graphs after |", "|---" * 7 + "|"]
-    for shape, methods in part["shapes"].items():
-        for m, r in methods.items():
-            if m != "wall_s":
-                rows.append(f"| {shape} | {m} | {r['ms']:.1f} | {r['x_erm']:.3f} | {fmt(r['peak_gib'], '.2f')} | "
-                            f"{r['graphs_warmup']} | {r['graphs_after_warmup']} |")
-    return [f"batch {part['batch']} tokens (grad_accum x micro-batch x block)", ""] + rows
+    for shape, res in part["shapes"].items():
+        for m, r in res["methods"].items():
+            rows.append(f"| {shape} | {m} | {r['ms']:.1f} | {r['x_erm']:.3f} | {fmt(r['peak_gib'], '.2f')} | "
+                        f"{r['graphs_warmup']} | {r['graphs_after_warmup']} |")
+    reasons = [f"- {shape}, a guard that made a graph recompile: {why}" for shape, res in part["shapes"].items()
+               for why in res["recompile_reasons"]]
+    return [f"batch {part['batch']} tokens (grad_accum x micro-batch x block)", ""] + rows + [""] + reasons
 
 
 def table_loss(part):
@@ -765,6 +804,7 @@ def table_train(part):
 
 
 GPU_TABLES = {"vs_hf": table_vs_hf, "methods": table_methods, "loss": table_loss, "train": table_train}
+GPU_PART_RUNS = {"vs_hf": part_vs_hf, "methods": part_methods, "loss": part_loss, "train": part_train}
 
 
 if __name__ == "__main__":
