@@ -597,9 +597,11 @@ def part_vs_hf(check):
             sides["ours_vs_hf"] = dict(tok_per_s=round(sides["ours"]["tok_per_s"] / sides["hf"]["tok_per_s"], 3),
                                        peak=round(sides["ours"]["peak_gib"] / sides["hf"]["peak_gib"], 3))
     return dict(title=GPU_PARTS["vs_hf"][1], batch=f"{check.batch} x {check.block}", shapes=res, notes=notes,
-                how="each side in a fresh process, one after the other (not alternating): its peak is torch.cuda.max_memory_allocated (CPU: max RSS) above "
-                    "what it held before loading; ours: the --pretrained AdamW (fused), transformers: "
-                    "torch.optim.AdamW(model.parameters()) and the per-sample loss from its logits")
+                how="each side in a fresh process, one after the other (not alternating); peak: "
+                    "torch.cuda.max_memory_allocated (CPU: max RSS) above what the process held before loading; "
+                    "MFU: the same model FLOPs (runtime.Progress) for both sides; ours: the --pretrained AdamW "
+                    "(fused), transformers: torch.optim.AdamW(model.parameters()) and the per-sample loss from its "
+                    "logits")
 
 
 def mfu(flops_per_s, check):

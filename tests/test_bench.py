@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,35 @@ def test_the_gpu_check_refuses_to_run_its_gpu_mode_without_a_gpu(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--gpu", "--out", str(tmp_path)],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "--gpu found no CUDA device" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
+def test_a_gpu_check_part_out_of_time_is_cut_short_with_a_note_and_the_report_still_written(tmp_path):
+    """The budget shared by the parts: a worker still running at its part's cap is killed, the later part skipped."""
+    import json
+    out = tmp_path / "gpu-check"
+    p = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--gpu", "--device", "cpu", "--out", str(out),
+                        "--parts", "methods", "train", "--budget", "15"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    parts = json.loads((out / "gpu-check.json").read_text())["parts"]
+    assert list(parts) == ["methods", "train"] and not parts["methods"]["shapes"]
+    assert all("time cap" in n for n in parts["methods"]["notes"]) and "skipped" in parts["train"]["notes"][0]
+    assert "nothing measured" in (out / "gpu-check.md").read_text()
+
+
+def test_a_worker_past_its_cap_is_killed_with_the_processes_it_started():
+    import time
+
+    import bench
+    child = ("import subprocess, sys, time; "  # a worker that started processes of its own (inductor's compilers)
+             "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             "print(g.pid, flush=True); time.sleep(60)")
+    t0 = time.perf_counter()
+    rc, out, _, wall = bench.run_capped([sys.executable, "-c", child], timeout=5)
+    assert rc is None and wall < 30 and time.perf_counter() - t0 < 30  # killed at 5 s, not after 60
+    status = Path(f"/proc/{int(out.split()[0])}/status")
+    for _ in range(50):  # gone, or a zombie waiting for its new parent to reap it
+        if not status.exists() or "State:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the worker's own child outlived it")
