@@ -7,6 +7,7 @@ model, data and effective batch (with gradient accumulation), and their ratios t
     python bench.py --vs-hf                  # our training step vs transformers' on OPT / LLaMA shapes
     python bench.py --vs-nanogpt ../nanoGPT  # nanoGPT's CPU quick start vs our default run, back to back
     python bench.py --loss 2048,256,128256   # the per-sample loss alone: full logits, ours, torch's
+    python bench.py --gpu                    # the GPU check, one call, < 5 min (--device cpu: its CPU mode)
 
 Methods are interleaved step by step (mean, erm, midrank, irdro, mean, ...) so that a slow moment of the
 machine hits all of them alike; the median step time of each is reported. "mean" is the plain step with no
@@ -21,6 +22,14 @@ max allocated on CUDA, above what the process held before loading) is its own.
 --loss T,C,V times the per-sample loss alone, forward and backward, in its three forms: from full logits, ours
 (loss.py, chunked) and torch's F.linear_cross_entropy (torch 2.13+), each in a process of its own for its memory.
 
+--gpu runs the check a GPU machine lent for minutes needs to run once (docs/benchmarks.md): ours vs transformers
+compiled in bf16 at the OPT-125m and Llama-3.2-1B shapes (tok/s, MFU, peak memory, compile time); IR-DRO and
+MidRanking against ERM with the graphs torch.compile made for each; the loss's memory at 16k tokens x 128256; a
+50-step train.py --pretrained run. Each part runs in processes of its own within a share of --budget seconds, in
+that order, and one that runs out of time is cut short with a note; --out gets gpu-check.json and gpu-check.md,
+rewritten after every part. It needs no datasets, torchao or network. With --device cpu the same code runs on
+tiny shapes in float32 with dynamo's eager backend (seconds to minutes: tests/test_bench.py), measuring nothing.
+
 --vs-nanogpt DIR runs, in a clone of https://github.com/karpathy/nanoGPT, the CPU quick start of its README
 (train_shakespeare_char at 4 layers of 128, block 64, batch 12, 2000 iterations, dropout 0, no compile) on our
 built-in corpus as characters (the tokens of data/shakespeare-char, written beside its own data as
@@ -30,10 +39,12 @@ each whole process (imports included) and the val losses each printed.
 
 import argparse
 import json
+import os
 import pickle
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -67,7 +78,18 @@ def main():
                    "loss alone (forward and backward) of that shape: full logits, ours (loss.py) and torch's "
                    "F.linear_cross_entropy (torch 2.13+), e.g. 2048,256,128256")
     p.add_argument("--loss-worker", dest="loss_worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--gpu", action="store_true", help="the GPU check, see above (--device cpu: its CPU mode)")
+    p.add_argument("--out", dest="gpu_out", default="out/gpu-check", help="--gpu: where gpu-check.json/.md go")
+    p.add_argument("--budget", type=float, default=280, help="--gpu: seconds for the whole check, shared by its parts")
+    p.add_argument("--parts", dest="gpu_parts", nargs="+", default=list(GPU_PARTS), choices=list(GPU_PARTS),
+                   help="--gpu: the parts to run (in their order)")
+    p.add_argument("--compile-backend", dest="compile_backend", default="inductor", help=argparse.SUPPRESS)
+    p.add_argument("--methods-worker", dest="methods_worker", default=None, help=argparse.SUPPRESS)
     args = cli.get_args(parser=p)
+    if args.methods_worker:
+        return methods_worker(args)
+    if args.gpu:
+        return gpu_check(args)
     if args.nanogpt:
         return vs_nanogpt(Path(args.nanogpt))
     if args.loss_worker:
@@ -91,46 +113,15 @@ def main():
     if args.compile:
         model = torch.compile(model)
     n = args.batch_size * args.grad_accum
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def plain_mean(batches):  # the cheapest ERM step, for reference: no weights at all
-        for x, y in batches:
-            with ctx:
-                loss = model(x, y)[1]
-            (loss.sum() / n).backward()
-        return loss
-
-    def step(method, k):
+    def batches_of(k):  # step k's micro-batches, the same for every method
         samples = train.step_samples(0, k, n, len(data["start"]))
-        batches = [train.get_batch(data, samples[i:i + args.batch_size], args.block_size, device)
-                   for i in range(0, n, args.batch_size)]
-        sync()
-        t0 = time.perf_counter()
-        if method == "mean":
-            losses = plain_mean(batches)
-        else:  # midrank-plain: MidRanking scored with no graph at all (as under torchrun)
-            train.SAMPLE_GRAPHS = method != "midrank-plain"
-            losses, w = train.forward_backward(model, batches, method.removesuffix("-plain"),
-                                               cli.method_hparams(args), ctx)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.cpu()
-        sync()
-        return time.perf_counter() - t0
+        return [train.get_batch(data, samples[i:i + args.batch_size], args.block_size, device)
+                for i in range(0, n, args.batch_size)]
 
     methods = ("mean", "erm", *[m for m in args.methods if m != "erm"])  # erm: the reference of every ratio
-    times = {m: [] for m in methods}
-    peak = {}
-    for k in range(args.warmup + args.steps):
-        for m in methods:  # the same batch k for every method
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            dt = step(m, k)
-            if k >= args.warmup:
-                times[m].append(dt)
-            if device.type == "cuda":
-                peak[m] = max(peak.get(m, 0), torch.cuda.max_memory_allocated())
-
+    times, peak, _ = time_methods(model, optimizer, batches_of, methods, cli.method_hparams(args), ctx, device,
+                                  args.warmup, args.steps)
     kept = reweight.midrank_counts(n, args.skip, args.keep, args.frac, args.portion)[1]
     print(f"{device} {dtype} | {n_params / 1e6:.2f}M params | "
           f"batch {n} = {args.batch_size} x {args.grad_accum} of {args.block_size} tokens | "
@@ -138,9 +129,60 @@ def main():
     erm = statistics.median(times["erm"])
     for m in methods:
         t = statistics.median(times[m])
-        mem = f" | peak {peak[m] / 2**20:.0f} MiB" if m in peak else ""
+        mem = f" | peak {peak[m] / 2**20:.0f} MiB" if peak[m] is not None else ""
         print(f"{m:13s} {t * 1000:8.1f} ms/step | {n * args.block_size / t / 1e3:7.1f}k tok/s | "
               f"{t / erm:.3f}x erm{mem}")
+
+
+def plain_mean(model, batches, ctx):
+    """The cheapest ERM step, for reference: no weights at all, loss.mean() of each micro-batch."""
+    n = sum(len(x) for x, _ in batches)
+    for x, y in batches:
+        with ctx:
+            loss = model(x, y)[1]
+        (loss.sum() / n).backward()
+    return loss
+
+
+def method_step(model, optimizer, batches, method, hparams, ctx, device):
+    """One optimizer step of `method` (or "mean", or "midrank-plain": MidRanking scored with no graph at all, as
+    under torchrun) on `batches`, as train.py takes it (train.forward_backward): -> its seconds."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    if method == "mean":
+        losses = plain_mean(model, batches, ctx)
+    else:
+        train.SAMPLE_GRAPHS = method != "midrank-plain"
+        losses, w = train.forward_backward(model, batches, method.removesuffix("-plain"), hparams, ctx)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    losses.cpu()
+    sync()
+    return time.perf_counter() - t0
+
+
+def time_methods(model, optimizer, batches_of, methods, hparams, ctx, device, warmup, steps):
+    """The methods interleaved step by step on the same batches (batches_of(k): step k's micro-batches), so that a
+    slow moment of the machine hits all of them alike. -> ({method: timed step seconds}, {method: peak bytes, None
+    off CUDA}, {method: (graphs compiled in its warm-up steps, graphs compiled in its timed steps)}): torch.compile's
+    graph count (dynamo's counters["stats"]["unique_graphs"], in torch 2.0 to 2.13 alike), so that a graph compiled
+    after the warm-up, a recompile, is seen and pinned on the method whose step made it."""
+    from torch._dynamo.utils import counters
+    times, peak, graphs = ({m: [] for m in methods}, dict.fromkeys(methods), {m: [0, 0] for m in methods})
+    for k in range(warmup + steps):
+        batches = batches_of(k)
+        for m in methods:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            before = counters["stats"]["unique_graphs"]
+            dt = method_step(model, optimizer, batches, m, hparams, ctx, device)
+            graphs[m][k >= warmup] += counters["stats"]["unique_graphs"] - before
+            if k >= warmup:
+                times[m].append(dt)
+            if device.type == "cuda":
+                peak[m] = max(peak[m] or 0, torch.cuda.max_memory_allocated())
+    return times, peak, graphs
 
 
 # --- ours vs nanoGPT ----------------------------------------------------------
@@ -287,11 +329,11 @@ def vs_hf_worker(args):
         models[side] = model.to(device).train()
         optimizers[side] = optimizers[side](models[side])
         if args.compile:
-            models[side] = torch.compile(models[side])
+            models[side] = torch.compile(models[side], backend=args.compile_backend)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     loaded = torch.cuda.max_memory_allocated() if cuda else max_rss()  # the peak while loading
     torch.cuda.reset_peak_memory_stats() if cuda else reset_peak()  # the step's own peak, not the loading's
-    times = {side: [] for side in models}
+    times, first = {side: [] for side in models}, {}  # first: the first step's ms, torch.compile's compile in it
     for k in range(args.warmup + args.steps):
         for side, model in models.items():  # alternating: a slow spell of the machine hits every side
             sync()
@@ -306,10 +348,13 @@ def vs_hf_worker(args):
             sync()
             if k >= args.warmup:
                 times[side].append(time.perf_counter() - t0)
+            first.setdefault(side, (time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated() if cuda else max_rss()
     params = sum(p.numel() for p in next(iter(models.values())).parameters())
     print(json.dumps(dict(ms={s: statistics.median(t) * 1e3 for s, t in times.items()}, load=loaded - before,
-                          peak=peak - before, params=params, weights=4 * params)))
+                          peak=peak - before, params=params, weights=4 * params, first_ms=first,
+                          attention={s: getattr(getattr(m, "config", None), "_attn_implementation", "sdpa (ours)")
+                                     for s, m in models.items()})))
 
 
 # --- the per-sample loss alone ------------------------------------------------
@@ -366,6 +411,415 @@ def loss_worker(args):
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if cuda else max_rss()
     print(json.dumps(dict(ms=statistics.median(times[args.warmup:]) * 1e3, peak=peak - before)))
+
+
+# --- the GPU check: one call, five parts, a time cap each -------------------------------------------------
+
+# Part: (share of the time budget, title). A part may use its share and whatever the parts before it left
+# unused, never the shares of the parts after it: a slow compile cuts its own part short, not the others.
+# The order is the priority order: what fits comes first.
+GPU_PARTS = {
+    "vs_hf": (0.45, "1. ours vs transformers: training step, torch.compile"),
+    "methods": (0.25, "2-3. IR-DRO and MidRanking (keep 0.5) vs ERM, interleaved; graphs compiled per method"),
+    "loss": (0.08, "4. the per-sample loss alone: full logits vs chunked"),
+    "train": (0.22, "5. train.py --pretrained on a random LLaMA-shape checkpoint"),
+}
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                max_position_embeddings=2048)  # Llama-3.2-1B's shape (its llama3 RoPE scaling left out: no cost)
+
+
+class GpuCheck:
+    """What every part needs: the settings of the mode (the GPU's, or the CPU mode's tiny ones, which run the same
+    code in seconds so that the check cannot rot), the checkpoints, the time left, and the workers."""
+
+    def __init__(self, args, device, tmp):
+        self.args, self.device, self.tmp, self.cuda = args, device, Path(tmp), device.type == "cuda"
+        self.out = Path(args.gpu_out)
+        big = self.cuda
+        # bf16 autocast and inductor on the GPU; on CPU float32 and dynamo with its "eager" backend: the graphs
+        # are traced and counted as on the GPU, without inductor's minute of C++ compiling per graph
+        self.dtype, self.backend = ("bfloat16", "inductor") if big else ("float32", "eager")
+        self.batch, self.block, self.grad_accum = (8, 512, 2) if big else (2, 32, 2)
+        self.steps, self.warmup = (10, 3) if big else (2, 1)
+        self.loss_shape = "16384,2048,128256" if big else "64,32,128256"  # 16k tokens at Llama-3's vocabulary
+        # train.py: steps; eval samples; documents of the corpus; compiled (on CPU inductor would take minutes)
+        self.train_steps, self.train_flags = (50, ["--eval_samples", "32", "--compile"]) if big else (
+            8, ["--eval_samples", "8", "--no-compile"])
+        self.max_docs = None if big else 20
+        self.shapes = gpu_shapes(big)
+        self.folders, self.deadline = {}, None
+        # the check's own CUDA-only calls (the workers have theirs: synchronize, max_memory_allocated): here alone
+        self.name = torch.cuda.get_device_name(device) if self.cuda else "cpu"
+        self.peak = runtime.peak_of(self.name) if self.cuda else None  # bf16 dense FLOP/s; None: no MFU
+
+    def free_cache(self):
+        if self.cuda:  # what this process keeps on the GPU while the workers run: its context alone
+            torch.cuda.empty_cache()
+
+    def step_flags(self):
+        return ["--device", str(self.device), "--dtype", self.dtype, "--compile", "--compile-backend", self.backend,
+                "--batch_size", str(self.batch), "--block_size", str(self.block), "--steps", str(self.steps),
+                "--warmup", str(self.warmup)]
+
+    def left(self):
+        return self.deadline - time.perf_counter()
+
+    def worker(self, argv, what, env=None):
+        """bench.py argv in a process of its own (its memory its own), within the part's time -> (its JSON line
+        with its wall_s and stderr, None) or (None, why not)."""
+        if self.left() < 5:
+            return None, f"{what}: skipped, the part's time cap was reached"
+        rc, out, err, wall = run_capped([sys.executable, __file__, *argv], self.left(), env=env)
+        if rc is None:
+            return None, f"{what}: stopped after {wall:.0f} s at the part's time cap"
+        if rc:
+            return None, f"{what}: failed (exit {rc}): {(err.strip().splitlines() or ['?'])[-1][:300]}"
+        return dict(json.loads(out.strip().splitlines()[-1]), wall_s=round(wall, 1), stderr=err), None
+
+
+def gpu_shapes(big):
+    import transformers
+    if big:
+        return {"OPT-125m": hf_shapes()["OPT-125m"], "Llama-3.2-1B": transformers.LlamaConfig(**LLAMA_1B)}
+    return {"OPT-125m": transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                               word_embed_proj_dim=32, max_position_embeddings=64),
+            "Llama-3.2-1B": transformers.LlamaConfig(**dict(LLAMA_1B, hidden_size=32, intermediate_size=64,
+                                                            num_hidden_layers=2, num_attention_heads=4,
+                                                            num_key_value_heads=2, max_position_embeddings=64))}
+
+
+def run_capped(cmd, timeout, cwd=None, env=None):
+    """cmd in a session of its own, killed with all it started (inductor's compile workers) once past timeout.
+    -> (exit status, None if killed; stdout; stderr; seconds)"""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=max(timeout, 1))
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        rc = None
+    return rc, out, err, time.perf_counter() - t0
+
+
+def gpu_check(args):
+    """--gpu: the parts in priority order, each within its time cap; the report rewritten after each part."""
+    try:
+        device = runtime.pick_device(args.device)
+    except ValueError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if device.type not in ("cuda", "cpu") or (args.device == "auto" and device.type != "cuda"):
+        print(f"bench.py: error: --gpu found no CUDA device (auto picked {device}): run it on a GPU machine, or pass "
+              "--device cpu for its CPU mode (tiny shapes, seconds: it checks the code, it measures nothing)",
+              file=sys.stderr)
+        sys.exit(2)
+    if not args.budget > 0:
+        print(f"bench.py: error: --budget must be > 0 seconds, got {args.budget}", file=sys.stderr)
+        sys.exit(2)
+    # the check needs no network, and a machine that drops packets would hold tiktoken's download (it has no
+    # timeout) for minutes before prepare_data falls back to its vendored ranks: refused at once, in every process
+    closed = "http://127.0.0.1:9"  # a local port nothing listens on
+    os.environ.update(HTTPS_PROXY=closed, https_proxy=closed, HTTP_PROXY=closed, http_proxy=closed, HF_HUB_OFFLINE="1")
+    parts = [p for p in GPU_PARTS if p in args.gpu_parts]
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        check = GpuCheck(args, device, tmp)
+        report = gpu_report_head(check, parts)
+        check.folders = write_checkpoints(check)
+        report["setup_s"] = round(time.perf_counter() - t0, 1)
+        write_gpu_report(check, report)
+        for i, part in enumerate(parts):
+            later = sum(GPU_PARTS[p][0] for p in parts[i + 1:]) * args.budget
+            check.deadline = t0 + args.budget - later
+            started = time.perf_counter()
+            try:  # a part that breaks must not take the later ones with it: the machine is lent once
+                result = GPU_PART_RUNS[part](check)
+            except Exception as e:
+                result = dict(title=GPU_PARTS[part][1], notes=[f"failed: {type(e).__name__}: {str(e)[:300]}"])
+            result["wall_s"] = round(time.perf_counter() - started, 1)
+            result["cap_s"] = round(check.deadline - started, 1)
+            report["parts"][part] = result
+            write_gpu_report(check, report)
+    report["total_s"] = round(time.perf_counter() - t0, 1)
+    write_gpu_report(check, report)
+    print(f"wrote {check.out / 'gpu-check.json'} and {check.out / 'gpu-check.md'} in {report['total_s']:.0f} s")
+    return report
+
+
+def gpu_report_head(check, parts):
+    import transformers
+    return dict(command="python " + " ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                mode="gpu" if check.cuda else "cpu (tiny shapes: checks the code, measures nothing)",
+                device=check.name, peak_flops=check.peak, torch=torch.__version__,
+                cuda=torch.version.cuda, transformers=transformers.__version__, python=sys.version.split()[0],
+                dtype=check.dtype, compile_backend=check.backend, budget_s=check.args.budget, parts_run=parts,
+                parts={})
+
+
+def write_checkpoints(check):
+    """The random checkpoints, saved once in transformers' format (float32): every part loads the same weights.
+    The LLaMA one gets GPT-2's tokenizer files (hf.write_gpt2_tokenizer: offline, from the vendored ranks), so that
+    train.py --pretrained accepts the built-in corpus prepared as GPT-2 tokens (its ids fit the 128256 rows)."""
+    import transformers
+    folders = {}
+    for name, config in check.shapes.items():
+        folder = check.tmp / name
+        torch.manual_seed(0)
+        with torch.device(check.device):  # initialised on the GPU: seconds, not a minute on the CPU, at 1B
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(folder)
+        del model
+        if config.model_type == "llama":
+            hf.write_gpt2_tokenizer(folder, check.block)
+        folders[name] = folder
+    check.free_cache()
+    return folders
+
+
+def flops_per_token(folder, block_size):
+    """runtime.Progress's count (6 per matmul parameter + attention), from the checkpoint's config alone (meta)."""
+    with torch.device("meta"):
+        model = GPT(hf.config_from_hf(json.loads((folder / "config.json").read_text())))
+    return runtime.Progress(model, block_size, torch.device("cpu"), "float32", 0, 1).flops_per_token
+
+
+def part_vs_hf(check):
+    """1. The training step of vs_hf_worker (per-sample loss, IR-DRO weights, backward, AdamW), each side in a
+    process of its own one after the other (not alternating: one compile per process is what fits the time),
+    compiled; compile_s is the first step's time less a timed step's."""
+    res, notes = {}, []
+    for shape, folder in check.folders.items():
+        fpt, tokens = flops_per_token(folder, check.block), check.batch * check.block
+        for side in ("ours", "hf"):
+            r, note = check.worker(["--vs-hf-worker", f"{side}:{folder}", *check.step_flags()], f"{shape} {side}")
+            if note:
+                notes.append(note)
+                continue
+            ms = r["ms"][side]
+            res.setdefault(shape, {})[side] = dict(
+                ms=round(ms, 2), tok_per_s=round(tokens / ms * 1e3),
+                compile_s=round((r["first_ms"][side] - ms) / 1e3, 1),
+                mfu=mfu(fpt * tokens / ms * 1e3, check), peak_gib=round(r["peak"] / 2**30, 3), params=r["params"],
+                attention=r["attention"][side], wall_s=r["wall_s"])
+        sides = res.get(shape, {})
+        if len(sides) == 2:  # the goals: ours >= 1.0x transformers' tokens/s, at <= 0.6x its peak memory
+            sides["ours_vs_hf"] = dict(tok_per_s=round(sides["ours"]["tok_per_s"] / sides["hf"]["tok_per_s"], 3),
+                                       peak=round(sides["ours"]["peak_gib"] / sides["hf"]["peak_gib"], 3))
+    return dict(title=GPU_PARTS["vs_hf"][1], batch=f"{check.batch} x {check.block}", shapes=res, notes=notes,
+                how="each side in a fresh process, one after the other (not alternating); peak: "
+                    "torch.cuda.max_memory_allocated (CPU: max RSS) above what the process held before loading; "
+                    "MFU: the same model FLOPs (runtime.Progress) for both sides; ours: the --pretrained AdamW "
+                    "(fused), transformers: torch.optim.AdamW(model.parameters()) and the per-sample loss from its "
+                    "logits")
+
+
+def mfu(flops_per_s, check):
+    return round(flops_per_s / check.peak, 4) if check.peak else None
+
+
+def part_methods(check):
+    """2-3. The methods' steps as train.py takes them, interleaved on the same batches (methods_worker), per shape;
+    and the graphs torch.compile made for each, in the warm-up and after it (a recompile)."""
+    res, notes = {}, []
+    for shape, folder in check.folders.items():
+        r, note = check.worker(["--methods-worker", str(folder), "--grad_accum", str(check.grad_accum),
+                                *check.step_flags()], f"{shape} methods", env=dict(os.environ, TORCH_LOGS="recompiles"))
+        if note:
+            notes.append(note)
+            continue
+        # dynamo's own words for the guards that failed: "0/1: tensor 'idx' size mismatch at index 0. expected 8,
+        # actual 4" (graph 1 of frame 0); a recompile lists those of every graph it could not use
+        why = re.findall(r"\[__recompiles\]\s+- (\d+/\d+: .*)$", r.pop("stderr"), re.M)
+        r["recompile_reasons"] = sorted({w[:160] for w in why})[:10]
+        res[shape] = r
+    return dict(title=GPU_PARTS["methods"][1], batch=f"{check.grad_accum} x {check.batch} x {check.block}",
+                shapes=res, notes=notes, how="ours compiled, the methods interleaved step by step in one process "
+                "(train.forward_backward, then AdamW); graphs: dynamo's counters['stats']['unique_graphs'] grown "
+                "during the method's own steps, so a graph shared with a method before it counts there only")
+
+
+METHODS_TIMED = ("erm", "irdro", "midrank")  # erm first: the others' graphs count beyond it
+
+
+def methods_worker(args):
+    """Ours from a checkpoint folder, compiled, and METHODS_TIMED's steps on random batches (bench.time_methods).
+    Prints one JSON line: per method the median ms, its ratio to ERM, peak memory and graphs compiled."""
+    device = runtime.pick_device(args.device)
+    dtype = runtime.pick_dtype(args.dtype, device)
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    model = hf.load_pretrained(args.methods_worker, dtype=torch.float32).to(device).train()
+    optimizer = ours_optimizer(model, "ours", device)
+    if args.compile:
+        model = torch.compile(model, backend=args.compile_backend)
+    vocab, n = model.config.vocab_size, args.batch_size * args.grad_accum
+
+    def batches_of(k):  # fresh tokens every step: MidRanking's kept rows, and so its shapes, change as in training
+        g = torch.Generator().manual_seed(k)
+        x = torch.randint(min(vocab, 50257), (n, args.block_size + 1), generator=g)
+        return [(x[i:i + args.batch_size, :-1].contiguous().to(device),  # contiguous, as train.get_batch's
+                 x[i:i + args.batch_size, 1:].contiguous().to(device)) for i in range(0, n, args.batch_size)]
+
+    times, peak, graphs = time_methods(model, optimizer, batches_of, METHODS_TIMED, cli.method_hparams(args), ctx,
+                                       device, args.warmup, args.steps)
+    erm = statistics.median(times["erm"])
+    from torch._dynamo.utils import counters  # all of them, in case a torch renames the one counted
+    print(json.dumps(dict(methods={m: dict(ms=round(statistics.median(t) * 1e3, 2),
+                                           x_erm=round(statistics.median(t) / erm, 3),
+                                           peak_gib=None if peak[m] is None else round(peak[m] / 2**30, 3),
+                                           graphs_warmup=graphs[m][0], graphs_after_warmup=graphs[m][1])
+                                  for m, t in times.items()},
+                          counters={k: dict(counters[k]) for k in ("stats", "frames") if k in counters})))
+
+
+def part_loss(check):
+    """4. loss_worker's forms at 16k tokens and Llama-3's vocabulary, each in a process of its own (float32)."""
+    res, notes = {}, []
+    forms = [f for f in LOSSES if f != "torch" or hasattr(torch.nn.functional, "linear_cross_entropy")]
+    for form in forms:
+        r, note = check.worker(["--loss-worker", form, "--loss", check.loss_shape, "--device", str(check.device),
+                                "--steps", "2", "--warmup", "1"], f"loss {form}")
+        if note:
+            notes.append(note)
+            continue
+        res[form] = dict(ms=round(r["ms"], 1), peak_gib=round(r["peak"] / 2**30, 3), wall_s=r["wall_s"])
+    if "full logits" in res:
+        for r in res.values():
+            r["x_full_peak"] = round(r["peak_gib"] / res["full logits"]["peak_gib"], 3)
+    return dict(title=GPU_PARTS["loss"][1], shape=f"tokens, width, vocabulary = {check.loss_shape}", forms=res,
+                notes=notes, how="bench.py --loss's workers: forward + backward under random per-sample weights, "
+                "float32; peak above the inputs")
+
+
+def part_train(check):
+    """5. train.py --pretrained on the LLaMA-shape checkpoint (GPT-2 tokenizer) and the built-in corpus prepared with
+    it, compiled, in bf16 on the GPU; stopped at the part's cap. Does the loss fall, is the step time steady?"""
+    if check.left() < 10:
+        return dict(title=GPU_PARTS["train"][1], notes=["skipped: no time left in the budget"])
+    folder = check.folders["Llama-3.2-1B"]
+    data = prepare_data.prepare(tokenizer="gpt2", out_dir=check.tmp / "shakespeare-gpt2",
+                                max_docs=check.max_docs)
+    run = check.tmp / "run"
+    # lr 1e-4, not the recipe's 2e-6: a random checkpoint moves too little at 2e-6 in 50 steps to show the fall
+    cmd = [sys.executable, str(Path(__file__).parent / "train.py"), "--pretrained", str(folder), "--data", str(data),
+           "--method", "irdro", "--max_iters", str(check.train_steps), "--eval_interval", str(check.train_steps),
+           "--batch_size", str(check.batch), "--block_size", str(check.block), "--lr", "1e-4", "--device",
+           str(check.device), "--dtype", check.dtype, *check.train_flags, "--out_dir", str(run)]
+    rc, out, err, wall = run_capped(cmd, check.left())
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] if (
+        run / "log.jsonl").exists() else []
+    ms = [int(v) for v in re.findall(r"^step \d+/\d+ \|.* \| (\d+) ms \|", out, re.M)]  # the step lines' step time
+    res = dict(title=GPU_PARTS["train"][1], command=" ".join(["python", *cmd[1:]]), exit=rc, wall_s=round(wall, 1),
+               steps_done=len(ms), notes=[])
+    res.update(train_summary(records, ms))
+    done = len(ms) == check.train_steps and [s for s, _ in res["val_loss"]][-1:] == [check.train_steps]
+    if rc is None:  # after its last evaluation train.py writes a checkpoint (16 bytes a parameter) and the export
+        res["notes"].append("stopped at the part's time cap " + ("after every step and the last evaluation, while "
+                            "writing the checkpoint or the export" if done else f"after {len(ms)} steps"))
+    elif rc:
+        res["notes"].append(f"failed (exit {rc}): {(err.strip().splitlines() or ['?'])[-1][:300]}")
+    return res
+
+
+def train_summary(records, ms):
+    """Loss first and last (train: the mean of 5 steps; val: the evaluations), and the step time past the first
+    fifth of the steps (the compile and warm-up): median, 10th and 90th percentile, from train.py's step lines."""
+    train_loss = [r["loss"] for r in records if r["type"] == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r["type"] == "eval"]
+    out = dict(train_loss_first5=mean_or_none(train_loss[:5]), train_loss_last5=mean_or_none(train_loss[-5:]),
+               val_loss=val, mfu_median=None)
+    if len(val) > 1:  # the held-out loss, at step 0 and at the end
+        out["loss_fell"] = val[-1][1] < val[0][1]
+    else:  # stopped before the last evaluation: the train loss, if there are steps enough
+        out["loss_fell"] = out["train_loss_last5"] < out["train_loss_first5"] if len(train_loss) >= 10 else None
+    steady = ms[len(ms) // 5:] if len(ms) >= 5 else []
+    if steady:
+        q = statistics.quantiles(steady, n=10) if len(steady) > 1 else [steady[0]] * 9
+        med = statistics.median(steady)
+        out.update(steady_steps=len(steady), ms_median=med, ms_p10=q[0], ms_p90=q[-1], ms_max=max(steady),
+                   steady=q[-1] <= 1.1 * med)  # steady: the 90th percentile within 10% of the median
+        mfus = [r["mfu"] for r in records if r["type"] == "train" and "mfu" in r][len(ms) // 5:]
+        out["mfu_median"] = round(statistics.median(mfus), 4) if mfus else None
+    return out
+
+
+def mean_or_none(xs):
+    return round(statistics.fmean(xs), 4) if xs else None
+
+
+def write_gpu_report(check, report):
+    """gpu-check.json (everything) and gpu-check.md (the tables), rewritten after every part: a check cut short
+    (the machine taken back) leaves what it had measured."""
+    check.out.mkdir(parents=True, exist_ok=True)
+    (check.out / "gpu-check.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = [f"# GPU check: {report['device']}, {report['date']}", "",
+             f"`{report['command']}`: {report['mode']}; torch {report['torch']} (CUDA {report['cuda']}), transformers "
+             f"{report['transformers']}, Python {report['python']}; {report['dtype']}, torch.compile backend "
+             f"{report['compile_backend']}; budget {report['budget_s']} s, setup (checkpoints) "
+             f"{report.get('setup_s', '?')} s, total {report.get('total_s', 'not finished')} s."]
+    for name in report["parts_run"]:
+        part = report["parts"].get(name)
+        lines += ["", f"## {GPU_PARTS[name][1]}", ""]
+        if part is None:
+            lines.append("not run yet")
+            continue
+        lines += (GPU_TABLES[name](part) if "how" in part or "command" in part else []) + [""]
+        lines += [f"- {n}" for n in part["notes"]]
+        lines.append(f"- {part.get('how') or part.get('command') or 'nothing measured'}; {part['wall_s']} s of a "
+                     f"{part['cap_s']} s cap")
+    (check.out / "gpu-check.md").write_text("\n".join(lines) + "\n")
+
+
+def fmt(v, spec=""):
+    return "-" if v is None else format(v, spec)
+
+
+def table_vs_hf(part):
+    rows = ["| shape | side | ms/step | tok/s | MFU | peak GiB | compile s | attention |", "|---" * 8 + "|"]
+    for shape, sides in part["shapes"].items():
+        for side in ("ours", "hf"):
+            r = sides.get(side)
+            if r:
+                rows.append(f"| {shape} ({r['params'] / 1e6:.0f}M) | {side} | {r['ms']:.1f} | {r['tok_per_s']} | "
+                            f"{fmt(r['mfu'], '.1%')} | {r['peak_gib']:.2f} | {r['compile_s']} | {r['attention']} |")
+        if "ours_vs_hf" in sides:
+            v = sides["ours_vs_hf"]
+            rows.append(f"| {shape} | ours / hf | | {v['tok_per_s']:.2f}x | | {v['peak']:.2f}x | | |")
+    return [f"batch {part['batch']} tokens", ""] + rows
+
+
+def table_methods(part):
+    rows = ["| shape | method | ms/step | x ERM | peak GiB | graphs in warm-up | graphs after |", "|---" * 7 + "|"]
+    for shape, res in part["shapes"].items():
+        for m, r in res["methods"].items():
+            rows.append(f"| {shape} | {m} | {r['ms']:.1f} | {r['x_erm']:.3f} | {fmt(r['peak_gib'], '.2f')} | "
+                        f"{r['graphs_warmup']} | {r['graphs_after_warmup']} |")
+    reasons = [f"- {shape}, a guard that made a graph recompile: {why}" for shape, res in part["shapes"].items()
+               for why in res["recompile_reasons"]]
+    return [f"batch {part['batch']} tokens (grad_accum x micro-batch x block)", ""] + rows + [""] + reasons
+
+
+def table_loss(part):
+    rows = ["| form | ms (fwd + bwd) | peak GiB | x full logits |", "|---" * 4 + "|"]
+    rows += [f"| {f} | {r['ms']} | {r['peak_gib']:.2f} | {fmt(r.get('x_full_peak'), '.2f')} |"
+             for f, r in part["forms"].items()]
+    return [part["shape"], ""] + rows
+
+
+def table_train(part):
+    return ["| steps | train loss, first 5 -> last 5 | val loss (step: loss) | step ms, median (p10-p90, max) | "
+            "steady | loss fell | MFU |", "|---" * 7 + "|",
+            f"| {part['steps_done']} | {fmt(part['train_loss_first5'])} -> {fmt(part['train_loss_last5'])} | "
+            f"{', '.join(f'{s}: {v:.3f}' for s, v in part['val_loss']) or '-'} | {fmt(part.get('ms_median'))} "
+            f"({fmt(part.get('ms_p10'))}-{fmt(part.get('ms_p90'))}, {fmt(part.get('ms_max'))}) | "
+            f"{fmt(part.get('steady'))} | {fmt(part['loss_fell'])} | {fmt(part['mfu_median'], '.1%')} |"]
+
+
+GPU_TABLES = {"vs_hf": table_vs_hf, "methods": table_methods, "loss": table_loss, "train": table_train}
+GPU_PART_RUNS = {"vs_hf": part_vs_hf, "methods": part_methods, "loss": part_loss, "train": part_train}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import ROOT
 
@@ -63,3 +66,88 @@ def test_the_loss_bench_measures_each_form_in_its_own_process():
     assert [r[0] for r in rows][:2] == ["full", "ours"] and len(rows) == 2 + hasattr(__import__("torch").nn.functional,
                                                                                        "linear_cross_entropy")
     assert all(float(r[2 if r[0] == "full" else 1]) > 0 for r in rows)  # ms per step
+
+
+# what the GPU machine lacks (docs/benchmarks.md): blocked in every process of the check, workers and train.py too
+NO_DATASETS_NO_TORCHAO = "import sys\nsys.modules['datasets'] = None\nsys.modules['torchao'] = None\n"
+
+
+def test_the_gpu_check_runs_in_its_cpu_mode_without_datasets_or_torchao(tmp_path):
+    """bench.py --gpu --device cpu: every part of the GPU check on tiny shapes, with only what the GPU machine has."""
+    import json
+    import os
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_DATASETS_NO_TORCHAO)  # imported at start-up by every child too
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    blocked = subprocess.run([sys.executable, "-c", "import datasets"], env=env, capture_output=True, text=True)
+    assert blocked.returncode and "ModuleNotFoundError" in blocked.stderr  # the block works
+    out = tmp_path / "gpu-check"
+    p = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--gpu", "--device", "cpu", "--out", str(out),
+                        "--budget", "900"],  # a busy CI machine: the caps are for the GPU, not for this
+                       env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert report["mode"].startswith("cpu") and report["device"] == "cpu" and report["torch"] and report["command"]
+    assert list(report["parts"]) == ["vs_hf", "methods", "loss", "train"] and report["total_s"] < report["budget_s"]
+    assert all(not part["notes"] and part["wall_s"] <= part["cap_s"] for part in report["parts"].values())
+    shapes = report["parts"]["vs_hf"]["shapes"]
+    assert list(shapes) == ["OPT-125m", "Llama-3.2-1B"]
+    for sides in shapes.values():
+        for side in ("ours", "hf"):
+            r = sides[side]
+            assert r["ms"] > 0 and r["tok_per_s"] > 0 and r["peak_gib"] > 0 and r["compile_s"] > -1 and r["mfu"] is None
+        assert sides["ours_vs_hf"]["tok_per_s"] > 0 and sides["ours_vs_hf"]["peak"] > 0
+    for res in report["parts"]["methods"]["shapes"].values():
+        methods = res["methods"]
+        assert methods["erm"]["x_erm"] == 1.0 and all(methods[m]["ms"] > 0 for m in ("irdro", "midrank"))
+        # one graph for ERM's streamed step, IR-DRO's the same one; MidRanking's scoring graphs are its own
+        assert (methods["erm"]["graphs_warmup"], methods["irdro"]["graphs_warmup"]) == (1, 0)
+        assert methods["erm"]["graphs_after_warmup"] == methods["irdro"]["graphs_after_warmup"] == 0
+        assert methods["midrank"]["graphs_warmup"] >= 1
+    forms = report["parts"]["loss"]["forms"]
+    assert forms["full logits"]["x_full_peak"] == 1.0 and forms["ours"]["peak_gib"] > 0
+    train = report["parts"]["train"]
+    assert train["exit"] == 0 and train["steps_done"] == 8 and [s for s, _ in train["val_loss"]] == [0, 8]
+    assert train["loss_fell"] is True and train["ms_median"] > 0 and train["ms_p10"] <= train["ms_p90"]
+    table = (out / "gpu-check.md").read_text()
+    assert "| Llama-3.2-1B (4M) | ours |" in table and "| full logits |" in table and "| 8 |" in table
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here: --gpu would run the real check")
+def test_the_gpu_check_refuses_to_run_its_gpu_mode_without_a_gpu(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--gpu", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--gpu found no CUDA device" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
+def test_a_gpu_check_part_out_of_time_is_cut_short_with_a_note_and_the_report_still_written(tmp_path):
+    """The budget shared by the parts: a worker still running at its part's cap is killed, the later part skipped."""
+    import json
+    out = tmp_path / "gpu-check"
+    p = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--gpu", "--device", "cpu", "--out", str(out),
+                        "--parts", "methods", "train", "--budget", "15"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    parts = json.loads((out / "gpu-check.json").read_text())["parts"]
+    assert list(parts) == ["methods", "train"] and not parts["methods"]["shapes"]
+    assert all("time cap" in n for n in parts["methods"]["notes"]) and "skipped" in parts["train"]["notes"][0]
+    assert "nothing measured" in (out / "gpu-check.md").read_text()
+
+
+def test_a_worker_past_its_cap_is_killed_with_the_processes_it_started():
+    import time
+
+    import bench
+    child = ("import subprocess, sys, time; "  # a worker that started processes of its own (inductor's compilers)
+             "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             "print(g.pid, flush=True); time.sleep(60)")
+    t0 = time.perf_counter()
+    rc, out, _, wall = bench.run_capped([sys.executable, "-c", child], timeout=5)
+    assert rc is None and wall < 30 and time.perf_counter() - t0 < 30  # killed at 5 s, not after 60
+    status = Path(f"/proc/{int(out.split()[0])}/status")
+    for _ in range(50):  # gone, or a zombie waiting for its new parent to reap it
+        if not status.exists() or "State:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the worker's own child outlived it")
