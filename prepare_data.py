@@ -25,6 +25,7 @@ and {train,val}_mask.bin (uint8, 1 where a token is a target: the response) besi
 import argparse
 import base64
 import codecs
+import errno
 import functools
 import glob
 import gzip
@@ -542,9 +543,23 @@ def main(argv=None):
         print(f"prepare_data.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: prepare() has removed what it had begun to write
-        print("prepare_data.py: interrupted: no partial files are left, and a folder prepared before is as it was",
-              file=sys.stderr)
+        print(f"prepare_data.py: {INTERRUPTED}", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT, as a shell reports a process that SIGINT ended
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"prepare_data.py: error: {no_space(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+INTERRUPTED = "interrupted: no partial files are left, and a folder prepared before is as it was"
+
+
+def no_space(e):
+    """The one line of a full disk while preparing (prepare() has removed what it had begun to write)."""
+    where = f" writing {e.filename}" if e.filename else ""
+    return (f"no space left on device{where}: no partial files are left, and a folder prepared before is as it was; "
+            "free some space, or choose another --out_dir")
 
 
 if __name__ == "__main__":

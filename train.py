@@ -317,6 +317,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C in set-up (e.g. while the built-in corpus is prepared): nothing half-written
+        print(f"train.py: {prepare_data.INTERRUPTED}", file=sys.stderr)
+        sys.exit(130)
     raw_model = model  # placed: device, precision, DDP/FSDP, AdamW; on resume also optimizer, step and RNG
     device, dtype, ctx, scaler, model, optimizer, step = runtime.place(raw_model, ckpt, args, distributed)
     log = runtime.RunLog(Path(args.out_dir), args, resume_step=step if args.init_from == "resume" else None)

@@ -391,3 +391,41 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_files(tmp_path):
     r = subprocess.run([sys.executable, "-c", INTERRUPTED.format(root=str(REPO)), "--dataset", str(src), "--out_dir",
                         str(tmp_path / "new")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 130 and r.stderr.count("\n") == 1 and not list((tmp_path / "new").iterdir())
+
+
+FULL_DISK = """
+import errno, os, sys
+sys.path.insert(0, {root!r})
+import prepare_data
+write_npz = prepare_data.write_npz
+def full(path, **arrays):  # the disk fills up while the val split is being written
+    if path.name.startswith("val"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    write_npz(path, **arrays)
+prepare_data.write_npz = full
+prepare_data.main(sys.argv[1:])
+"""
+
+
+def test_a_full_disk_is_one_line_exit_2_and_leaves_no_partial_files(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    out = prepare_data.prepare(dataset=str(src), out_dir=tmp_path / "out", val_fraction=0.3)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = subprocess.run([sys.executable, "-c", FULL_DISK.format(root=str(REPO)), "--dataset", str(src), "--out_dir",
+                        str(out), "--seed", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"prepare_data.py: error: no space left on device writing {out / 'val_docs.npz.tmp'}")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier preparation, whole
+
+
+def test_ctrl_c_while_train_py_prepares_the_built_in_corpus_is_one_line(tmp_path, monkeypatch, capsys):
+    import train
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare_data, "BUILT_IN", {tmp_path / "corpus": "char"})
+    monkeypatch.setattr(prepare_data, "prepare", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(tmp_path / "corpus"), "--device", "cpu", "--out_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err == f"train.py: {prepare_data.INTERRUPTED}\n" and not (tmp_path / "o").exists()
