@@ -52,6 +52,8 @@ def build_parser(description="Train a GPT with per-sample losses reweighted by E
       "(--tau). Beyond the paper (reweight_followup.py): linupper, quadratic, extremes (--tau), random (--keep)")
     a("--tau", type=float, default=1.0, help="IR-DRO's temperature, w = softmax(loss / tau): smaller = more weight "
       "on the hardest samples (tau -> 0: all on the largest loss), larger = closer to ERM's 1/n")
+    a("--reweight_warmup", type=int, default=0, metavar="N", help="train the first N steps with ERM's uniform "
+      "weights, then with --method (a warm-up of the reweighting, as the follow-up work does)")
     a("--skip", type=float, default=None, help="MidRanking: the fraction of highest-loss samples skipped as likely "
       "noise, floor(skip * n); larger = further from the hardest (default: 0.125, unless --frac/--portion)")
     a("--keep", type=float, default=None, help="MidRanking: the fraction trained on after the skipped ones, "
@@ -243,7 +245,7 @@ def check(args, size, distributed):
     for flag in ("batch_size", "grad_accum", "block_size", "eval_interval", "eval_samples", "keep_last"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("max_iters", "loss_chunk"):
+    for flag in ("max_iters", "loss_chunk", "reweight_warmup"):
         if (getattr(args, flag) or 0) < 0:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     for flag in ("lr", "min_lr", "weight_decay", "grad_clip"):

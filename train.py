@@ -370,7 +370,8 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
         own = samples[rank * n_rank:(rank + 1) * n_rank]
         batches = [get_batch(train_data, own[i:i + args.batch_size], args.block_size, device)
                    for i in range(0, n_rank, args.batch_size)]
-        losses, w = forward_backward(model, batches, args.method, hparams, ctx, scaler.scale)
+        method = args.method if step >= args.reweight_warmup else "erm"  # --reweight_warmup: uniform weights first
+        losses, w = forward_backward(model, batches, method, hparams, ctx, scaler.scale)
         losses, w = losses.cpu(), w.cpu()  # the one device sync of the step
         docs = train_data["doc"][samples]
         skipped = runtime.step_or_skip(optimizer, scaler, model, args, losses, docs, step, log, skipped)  # non-finite

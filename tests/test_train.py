@@ -302,6 +302,21 @@ def test_weights_jsonl_irdro_is_softmax_of_the_logged_losses(tiny_flags, tmp_pat
         assert 1 < r["ess"] < 12
 
 
+def test_reweight_warmup_trains_the_first_steps_with_uniform_weights(tiny_flags, tmp_path):
+    """--reweight_warmup 2: steps 0-1 are ERM's (1/n each, the same steps as an ERM run), then the method's."""
+    common = ["--max_iters", "4", "--batch_size", "4", "--schedule", "constant", "--warmup_iters", "0"]
+    run(tiny_flags, tmp_path, "warm", "--method", "midrank", "--reweight_warmup", "2", *common)
+    run(tiny_flags, tmp_path, "erm", "--method", "erm", *common[:1], "2", *common[2:])
+    records = read_jsonl(tmp_path / "warm" / "weights.jsonl")
+    assert all(np.allclose(r["weight"], 1 / 8) for r in records[:2])
+    assert records[:2] == read_jsonl(tmp_path / "erm" / "weights.jsonl")  # the warm-up is ERM, exactly
+    for r in records[2:]:  # then MidRanking: skip floor(0.125 * 8) = 1, keep 4 at 1/4 each
+        assert sorted(r["weight"]) == [0.0] * 4 + [0.25] * 4
+    bad = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_flags, "--reweight_warmup", "-1", "--out_dir",
+                          str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--reweight_warmup must be >= 0" in bad.stderr
+
+
 def test_weights_jsonl_midrank_is_uniform_on_the_kept_band(tiny_flags, tmp_path):
     run(tiny_flags, tmp_path, "midrank", "--method", "midrank", "--skip", "0.25", "--keep", "0.5",
         "--max_iters", "3", "--batch_size", "4", "--grad_accum", "2")
