@@ -121,17 +121,35 @@ def test_the_gpu_check_refuses_to_run_its_gpu_mode_without_a_gpu(tmp_path):
     assert p.returncode == 2 and "--gpu found no CUDA device" in p.stderr and len(p.stderr.splitlines()) == 1
 
 
-def test_a_gpu_check_part_out_of_time_is_cut_short_with_a_note_and_the_report_still_written(tmp_path):
-    """The budget shared by the parts: a worker still running at its part's cap is killed, the later part skipped."""
+def test_a_gpu_check_out_of_time_skips_its_parts_with_a_note_and_still_writes_the_report(tmp_path):
+    """A budget too small for any worker (4 s, setup included, on any machine): every part is skipped with a note
+    saying why, and the report is written all the same."""
     import json
     out = tmp_path / "gpu-check"
     p = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--gpu", "--device", "cpu", "--out", str(out),
-                        "--parts", "methods", "train", "--budget", "15"], capture_output=True, text=True)
+                        "--parts", "methods", "train", "--budget", "4"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     parts = json.loads((out / "gpu-check.json").read_text())["parts"]
     assert list(parts) == ["methods", "train"] and not parts["methods"]["shapes"]
-    assert all("time cap" in n for n in parts["methods"]["notes"]) and "skipped" in parts["train"]["notes"][0]
+    assert parts["methods"]["notes"] and all("time cap" in n for n in parts["methods"]["notes"])
+    assert "skipped" in parts["train"]["notes"][0]
     assert "nothing measured" in (out / "gpu-check.md").read_text()
+
+
+def test_a_gpu_check_worker_still_running_at_its_parts_cap_is_stopped_with_a_note(tmp_path, monkeypatch):
+    """The part's worker is killed at the part's deadline (a stand-in for bench.py that never finishes)."""
+    import argparse
+    import time
+
+    import bench
+    never = tmp_path / "never.py"
+    never.write_text("import time\ntime.sleep(120)\n")
+    monkeypatch.setattr(bench, "__file__", str(never))  # the workers run `python <bench.py> ...`
+    check = bench.GpuCheck(argparse.Namespace(gpu_out=str(tmp_path / "out")), bench.torch.device("cpu"), tmp_path)
+    check.deadline = time.perf_counter() + 6
+    result, note = check.worker(["--methods-worker", "x"], "OPT-125m methods")
+    assert result is None and note.startswith("OPT-125m methods: stopped after") and "time cap" in note
+    assert time.perf_counter() < check.deadline + 20  # killed at the cap, not after the worker's 120 s
 
 
 def test_a_worker_past_its_cap_is_killed_with_the_processes_it_started():
