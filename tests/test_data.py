@@ -363,27 +363,38 @@ def test_a_corpus_file_given_as_data_names_the_command_that_prepares_it(tmp_path
     assert len(prepare_data.read_split(data, "val")[3]) >= 1
 
 
-INTERRUPTED = """
-import os, signal, sys
+FAULT_WHILE_VAL_IS_WRITTEN = """
+import errno, os, signal, sys
 sys.path.insert(0, {root!r})
 import prepare_data
 write_npz = prepare_data.write_npz
-def interrupted(path, **arrays):  # Ctrl-C while the val split is being written: train's files are written
+def fault(path, **arrays):  # while the val split is being written (train's files are written): {fault}
     if path.name.startswith("val"):
-        print(sorted(p.name for p in path.parent.glob("*.tmp")), flush=True)
-        os.kill(os.getpid(), signal.SIGINT)
+        {fault}
     write_npz(path, **arrays)
-prepare_data.write_npz = interrupted
+prepare_data.write_npz = fault
 prepare_data.main(sys.argv[1:])
 """
+# Ctrl-C (saying which files were staged when it struck), and a full disk
+INTERRUPTED = FAULT_WHILE_VAL_IS_WRITTEN.replace("{fault}", "print(sorted(p.name for p in path.parent.glob('*.tmp')), "
+                                                 "flush=True); os.kill(os.getpid(), signal.SIGINT)")
+FULL_DISK = FAULT_WHILE_VAL_IS_WRITTEN.replace("{fault}", "raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "
+                                               "str(path))")
 
 
-def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_files(tmp_path):
+def prepared_again_with_a_fault(tmp_path, script):
+    """A folder prepared once, then prepared again (another seed) by `script`, which faults on the way:
+    -> (the corpus, the folder, its files as they were, the second run)."""
     src = write_jsonl(tmp_path / "d.jsonl", DOCS)
     out = prepare_data.prepare(dataset=str(src), out_dir=tmp_path / "out", val_fraction=0.3)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    r = subprocess.run([sys.executable, "-c", INTERRUPTED.format(root=str(REPO)), "--dataset", str(src), "--out_dir",
+    r = subprocess.run([sys.executable, "-c", script.format(root=str(REPO)), "--dataset", str(src), "--out_dir",
                         str(out), "--seed", "1"], capture_output=True, text=True, timeout=120)
+    return src, out, before, r
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_files(tmp_path):
+    src, out, before, r = prepared_again_with_a_fault(tmp_path, INTERRUPTED)
     assert r.stdout.splitlines()[0] == "['train.bin.tmp', 'train_docs.npz.tmp', 'val.bin.tmp']"  # when it struck
     assert r.returncode == 130 and r.stderr == ("prepare_data.py: interrupted: no partial files are left, and a "
                                                 "folder prepared before is as it was\n"), r.stderr
@@ -393,26 +404,8 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_files(tmp_path):
     assert r.returncode == 130 and r.stderr.count("\n") == 1 and not list((tmp_path / "new").iterdir())
 
 
-FULL_DISK = """
-import errno, os, sys
-sys.path.insert(0, {root!r})
-import prepare_data
-write_npz = prepare_data.write_npz
-def full(path, **arrays):  # the disk fills up while the val split is being written
-    if path.name.startswith("val"):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    write_npz(path, **arrays)
-prepare_data.write_npz = full
-prepare_data.main(sys.argv[1:])
-"""
-
-
 def test_a_full_disk_is_one_line_exit_2_and_leaves_no_partial_files(tmp_path):
-    src = write_jsonl(tmp_path / "d.jsonl", DOCS)
-    out = prepare_data.prepare(dataset=str(src), out_dir=tmp_path / "out", val_fraction=0.3)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    r = subprocess.run([sys.executable, "-c", FULL_DISK.format(root=str(REPO)), "--dataset", str(src), "--out_dir",
-                        str(out), "--seed", "1"], capture_output=True, text=True, timeout=120)
+    _, out, before, r = prepared_again_with_a_fault(tmp_path, FULL_DISK)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"prepare_data.py: error: no space left on device writing {out / 'val_docs.npz.tmp'}")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier preparation, whole
