@@ -78,14 +78,11 @@ irdro.score = lambda losses, tau: losses / tau  # w = softmax(l / tau)
 
 
 def tilted_loss(losses, tau):
-    """The inner max's value, the tilted loss tau * log((1/n) sum_i exp(l_i/tau)), in [mean(l), max(l)]; logged.
-    Computed as max(l) + tau * log1p(mean(expm1((l_i - max(l)) / tau))), the same value, in float64: finite for any
-    tau, where tau * (logsumexp(l / tau) - log n) is a rounding error times tau (inf * 0 = NaN at tau 1e300, which
-    overflows float32) instead of its limit mean(l)."""
+    """The inner max's value, the tilted loss tau * log((1/n) sum_i exp(l_i/tau)), in [mean(l), max(l)]; logged. As
+    max(l) + tau * log1p(mean(expm1((l - max) / tau))) in float64: finite for any tau (at 1e300, its limit mean(l))."""
     losses = losses.double()
-    top = losses.max()
-    x = torch.where(losses == top, 0.0, (losses - top) / tau)  # <= 0; exactly 0 at the max, an infinite one too
-    return top + tau * torch.log1p(torch.expm1(x).mean())
+    top = losses.max()  # the max's own term is exactly 0, an infinite max's too
+    return top + tau * torch.log1p(torch.expm1(torch.where(losses == top, 0.0, (losses - top) / tau)).mean())
 
 
 def method(name, **hparams):
