@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import prepare_data
+import tokenization
 import runtime
 from model import GPT, GPTConfig, rope_inv_freq
 
@@ -368,7 +369,7 @@ def write_gpt2_tokenizer(out_dir, max_length):
     """GPT-2's vocab.json, merges.txt and tokenizer_config.json (what the hub's gpt2 folder holds), rebuilt
     offline from the ranks that prepare_data tokenized with: the same ids. -> the special-token ids for
     config.json (<|endoftext|> = 50256 is both bos and eos)."""
-    enc = prepare_data.gpt2_encoding()
+    enc = tokenization.gpt2_encoding()
     eot = "<|endoftext|>"
     ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != enc.eot_token}
     chars = byte_chars()
@@ -394,7 +395,7 @@ def save_tokenizer(source, out_dir):
     whatever it has comes along: tokenizer.json, chat template, added tokens), plus a local folder's raw
     vocabulary and generation_config.json. -> its special-token ids for config.json: the source's
     config.json ids (Llama-3's bos 128000, not transformers' fallback 1), else the tokenizer's."""
-    tok, config = prepare_data.auto_tokenizer(str(source))
+    tok, config = tokenization.auto_tokenizer(str(source))
     tok.save_pretrained(out_dir)
     folder = Path(source)
     for name in (*VOCAB_FILES, "generation_config.json") if folder.is_dir() else ():

@@ -3,7 +3,7 @@ Instruction data for `prepare_data.py --format instruct`: Alpaca-style `instruct
 chat `messages` -> documents [bos] + prompt + response + [eos] and their target masks, written by prepare_data.py
 as {train,val}_mask.bin (uint8, one byte a token: 1 for the response tokens and the closing eos, 0 for the bos and
 the prompt), so that train.py computes the loss on the response only. Pure functions of the records and a
-prepare_data.DocTokenizer; no file I/O.
+tokenization.DocTokenizer; no file I/O.
 
 Our plain template (one for both record shapes; empty sections are left out):
   Alpaca:  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"   + response
@@ -15,7 +15,7 @@ response are tokenized separately, so the boundary between them is exact. trunca
 """
 import random
 
-from prepare_data import DataError
+from tokenization import DataError  # (not prepare_data, which imports this file: no circle)
 
 
 def messages_of(record):

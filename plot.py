@@ -244,7 +244,7 @@ def plot_loss_curves(runs, path, alpha):
 def checkpoint_losses(ckpts, data, split, max_samples, device):
     """Per-sample losses of each checkpoint on the same samples of one split."""
     import torch  # only this mode needs torch; the log figures stay quick to make
-    import prepare_data
+    import tokenization
     import train
     from model import GPT, GPTConfig
     loaded = []
@@ -268,7 +268,7 @@ def checkpoint_losses(ckpts, data, split, max_samples, device):
     samples = np.sort(np.random.default_rng(0).permutation(n)[:max_samples])
     device, out = torch.device(device), []
     for path, ckpt in zip(ckpts, loaded):
-        fits = ckpt.get("tokenizer") == prepare_data.tokenizer_id(split_data["meta"])
+        fits = ckpt.get("tokenizer") == tokenization.tokenizer_id(split_data["meta"])
         if not fits or ckpt["model_args"]["block_size"] < block:
             raise PlotError(f"{path} does not fit {data_dir} (tokenizer or block size): pass a matching --data")
         model = GPT(GPTConfig(**ckpt["model_args"]))

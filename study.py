@@ -51,6 +51,7 @@ import torch
 
 import cli
 import prepare_data
+import tokenization
 import reweight
 import train
 
@@ -138,7 +139,7 @@ def char_tokenizer(texts):
     stoi = {c: i + 1 for i, c in enumerate(chars)}
     itos = "\0" + "".join(chars)
     fingerprint = "char-" + hashlib.sha256("".join(chars).encode()).hexdigest()[:12]
-    return prepare_data.DocTokenizer("char", fingerprint, len(itos), 0, 0,
+    return tokenization.DocTokenizer("char", fingerprint, len(itos), 0, 0,
                                      lambda batch: [[stoi[c] for c in t] for t in batch],
                                      lambda ids: "".join(itos[i] for i in ids))
 

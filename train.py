@@ -28,9 +28,10 @@ import torch
 
 import hf
 import prepare_data
+import tokenization
 import reweight
 import runtime
-from model import GPT, IGNORE_INDEX, GPTConfig
+from model import GPT, IGNORE_INDEX
 from runtime import all_cat, all_max, all_sum, grad_sync, world
 
 # -----------------------------------------------------------------------------
@@ -250,15 +251,15 @@ def build_model(args, meta, data_dir):
     if args.init_from != "scratch":  # one of our own runs: this one (resume) or an earlier one
         path = Path(args.out_dir if args.init_from == "resume" else args.init_from) / "ckpt.pt"
         model, ckpt = runtime.load_model(path, getattr(torch, args.param_dtype))
-        if ckpt.get("tokenizer") != prepare_data.tokenizer_id(meta):
+        if ckpt.get("tokenizer") != tokenization.tokenizer_id(meta):
             raise ValueError(f"{path} was trained on {ckpt.get('tokenizer')} tokens but {data_dir} holds "
-                             f"{prepare_data.tokenizer_id(meta)} tokens: prepare the data with the model's tokenizer")
+                             f"{tokenization.tokenizer_id(meta)} tokens: prepare the data with the model's tokenizer")
     elif args.pretrained:
         folder = hf.checkpoint_folder(args.pretrained)
         # float32 master weights (or bf16 ones updated with stochastic rounding): AdamW's tiny updates (lr 2e-6)
         # would vanish in bf16 weights rounded to nearest; forward and backward run in bf16 under autocast on GPUs
         model = hf.load_pretrained(folder, dtype=getattr(torch, args.param_dtype))
-        if prepare_data.load_tokenizer(folder).fingerprint != prepare_data.tokenizer_id(meta):
+        if tokenization.load_tokenizer(folder).fingerprint != tokenization.tokenizer_id(meta):
             raise ValueError(f"{data_dir} was tokenized with {meta['tokenizer']}, not with the tokenizer of "
                              f"{args.pretrained}: run python prepare_data.py --tokenizer {args.pretrained} ...")
     else:
@@ -348,7 +349,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
     progress = runtime.Progress(raw_model, args.block_size, device, runtime.pick_dtype(args.dtype, device), step,
                                 args.max_iters)
     checkpoint = functools.partial(runtime.save_run, raw_model, optimizer, scaler, device, args,  # all ranks call
-                                   tokenizer=prepare_data.tokenizer_id(train_data["meta"]))
+                                   tokenizer=tokenization.tokenizer_id(train_data["meta"]))
 
     while True:
         if step != last_eval and (step % args.eval_interval == 0 or step == args.max_iters):

@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import prepare_data  # noqa: E402
+import tokenization  # noqa: E402
 
 DOCS = [  # index = source id; id 2 is empty and must be dropped
     {"text": "Hello world", "title": "a"},
@@ -47,7 +48,7 @@ def load_split(out_dir, split):
 
 def decoded_docs(out_dir):
     """{source id: decoded text} over both splits, checking the layout on the way."""
-    enc = prepare_data.gpt2_encoding()
+    enc = tokenization.gpt2_encoding()
     found = {}
     for split in ("train", "val"):
         meta, tokens, offsets, ids = load_split(out_dir, split)
@@ -68,8 +69,8 @@ def decoded_docs(out_dir):
 
 
 def test_vendored_gpt2_file_checksum():
-    raw = gzip.decompress(prepare_data.GPT2_RANKS.read_bytes())
-    assert hashlib.sha256(raw).hexdigest() == prepare_data.GPT2_SHA256
+    raw = gzip.decompress(tokenization.GPT2_RANKS.read_bytes())
+    assert hashlib.sha256(raw).hexdigest() == tokenization.GPT2_SHA256
     assert len(raw.splitlines()) == 50256
 
 
@@ -80,7 +81,7 @@ def test_offline_fallback_gives_gpt2_ids(monkeypatch):
         raise ConnectionError("offline")
 
     monkeypatch.setattr(tiktoken, "get_encoding", no_network)
-    enc = prepare_data.gpt2_encoding.__wrapped__()  # bypass the cache: always build from assets/
+    enc = tokenization.gpt2_encoding.__wrapped__()  # bypass the cache: always build from assets/
     assert enc.name == "gpt2" and enc.n_vocab == 50257 and enc.eot_token == 50256
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
@@ -88,7 +89,7 @@ def test_offline_fallback_gives_gpt2_ids(monkeypatch):
     assert enc.encode_ordinary(" the") == [262] and enc.encode_ordinary("\n\n") == [628]
     text = "Some text: 'tis 1,234 naïve 東京\n\n  spaces"
     assert enc.decode(enc.encode_ordinary(text)) == text
-    cached = prepare_data.gpt2_encoding()  # whichever path the cache holds gives the same ids
+    cached = tokenization.gpt2_encoding()  # whichever path the cache holds gives the same ids
     assert cached.encode_ordinary(text) == enc.encode_ordinary(text)
 
 
@@ -97,10 +98,10 @@ def test_checksum_mismatch_is_an_error(monkeypatch, tmp_path):
 
     bad = tmp_path / "gpt2.tiktoken.gz"
     bad.write_bytes(gzip.compress(b"IQ== 0\n"))
-    monkeypatch.setattr(prepare_data, "GPT2_RANKS", bad)
+    monkeypatch.setattr(tokenization, "GPT2_RANKS", bad)
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: 1 / 0)
     with pytest.raises(prepare_data.DataError, match="gpt2.tiktoken.gz: sha256 mismatch"):
-        prepare_data.gpt2_encoding.__wrapped__()
+        tokenization.gpt2_encoding.__wrapped__()
 
 
 def test_token_dtype():
@@ -217,7 +218,7 @@ def test_char_tokenizer_is_the_corpus_characters(tmp_path):
     # embedded corpus in sorted order, loaded by transformers' AutoTokenizer like any checkpoint's tokenizer
     texts = [r["text"] for r in prepare_data.read_jsonl_gz(prepare_data.EMBEDDED_CORPUS)]
     chars = sorted(set("".join(texts)))
-    tok = prepare_data.load_tokenizer("char")
+    tok = tokenization.load_tokenizer("char")
     assert tok.hf.get_vocab() == {"<|bos|>": 0, "<|unk|>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
     assert (tok.name, tok.bos, tok.vocab_size, tok.source) == ("char", 0, len(chars) + 2, "char")
     for text in texts[:5] + ["  two spaces,\ttab and\nnewline  "]:

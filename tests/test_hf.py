@@ -18,6 +18,7 @@ import torch
 
 import hf as hf_module
 import prepare_data
+import tokenization
 import train
 from hf import export, load_pretrained, save_pretrained
 from model import GPT, GPTConfig, IGNORE_INDEX
@@ -280,13 +281,13 @@ def test_scratch_export_has_gpt2s_tokenizer_with_tiktokens_ids(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert tok("Hello world").input_ids == [15496, 995]  # GPT-2's ids, as published
     text = varied_text()
-    enc = prepare_data.gpt2_encoding()
+    enc = tokenization.gpt2_encoding()
     assert tok(text).input_ids == enc.encode(text, allowed_special="all")
     assert tok.decode(tok(text).input_ids) == text
     assert tok.bos_token_id == tok.eos_token_id == enc.eot_token == 50256
     assert tok.model_max_length == ours.config.block_size
     # the vocabulary and document start that prepare_data fingerprints: data made with "gpt2" matches the export
-    assert prepare_data.load_tokenizer(tmp_path).fingerprint == prepare_data.load_tokenizer("gpt2").fingerprint
+    assert tokenization.load_tokenizer(tmp_path).fingerprint == tokenization.load_tokenizer("gpt2").fingerprint
     config = transformers.AutoConfig.from_pretrained(tmp_path)
     assert config.bos_token_id == config.eos_token_id == 50256
 
@@ -338,7 +339,7 @@ def test_export_keeps_the_checkpoints_tokenizer_and_chat_template(where, tiny_ll
                                                                                                   **kw)
     text = "The king's crown, 1603. <sep> </s>"
     assert after(text).input_ids == before(text).input_ids
-    assert prepare_data.load_tokenizer(out).fingerprint == prepare_data.load_tokenizer(src).fingerprint
+    assert tokenization.load_tokenizer(out).fingerprint == tokenization.load_tokenizer(src).fingerprint
     # the raw vocabulary for tools other than transformers, and the model's generation settings
     assert (out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
     assert (out / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
@@ -385,7 +386,7 @@ def test_scratch_run_on_checkpoint_tokenized_data_exports_that_tokenizer(tiny_fl
     flags = [f if f != str(tiny_flags[1]) else str(tiny_llama_data) for f in tiny_flags]
     train.main(flags + ["--max_iters", "1", "--out_dir", str(tmp_path / "run")])
     out = tmp_path / "run" / "hf"
-    assert prepare_data.load_tokenizer(out).fingerprint == meta["tokenizer_fingerprint"]
+    assert tokenization.load_tokenizer(out).fingerprint == meta["tokenizer_fingerprint"]
     config, src = transformers.AutoConfig.from_pretrained(out), transformers.AutoConfig.from_pretrained(tiny_llama_ckpt)
     assert config.model_type == "gpt2" and (config.bos_token_id, config.eos_token_id) == (src.bos_token_id,
                                                                                              src.eos_token_id)
@@ -523,7 +524,7 @@ def test_readme_lm_eval_runs_on_the_exports(run, tiny_flags, tiny_llama_ckpt, ti
     model's on the data's tokenizer: the export's weights and tokenizer are what was trained."""
     flags = tiny_flags + ["--method", "irdro", "--tau", "1.0", "--max_iters", "2", "--out_dir", str(tmp_path / "run")]
     if run == "scratch":
-        encode = prepare_data.gpt2_encoding().encode_ordinary
+        encode = tokenization.gpt2_encoding().encode_ordinary
         extra = []
     else:
         src = llama_source(tiny_llama_ckpt, tmp_path / "src", files={"chat_template.jinja": TEMPLATE})

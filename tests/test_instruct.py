@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import instruct
 import prepare_data
+import tokenization
 import train
 from model import GPT, GPTConfig, IGNORE_INDEX
 
@@ -60,7 +61,7 @@ def shapes(tmp_path_factory):
 
 
 def test_both_shapes_mask_exactly_the_response_and_eos(shapes):
-    tok = prepare_data.load_tokenizer()
+    tok = tokenization.load_tokenizer()
     for data_dir, offset in zip(shapes, (0, 3)):
         meta = json.loads((data_dir / "meta.json").read_text())
         assert meta["format"] == "instruct" and meta["max_len"] == 65
@@ -107,7 +108,7 @@ def test_truncation_rule():
 
 
 def test_truncation_counts(tmp_path):
-    tok = prepare_data.load_tokenizer()
+    tok = tokenization.load_tokenizer()
     long_prompt = {"instruction": " ".join(["word"] * 40), "output": "yes"}
     long_reply = {"instruction": "Talk.", "output": " ".join(["blah"] * 40)}
     records = [{"instruction": "Hi.", "output": "ok"}, long_prompt, long_reply,
@@ -169,7 +170,7 @@ def test_chat_template(tmp_path, spm_model):
     src = write_jsonl(tmp_path / "r.jsonl", RECORDS[3:] * 2)
     out = prepare_data.prepare(dataset=str(src), out_dir=tmp_path / "d", format="instruct", tokenizer=str(folder),
                                chat_template=True, val_fraction=0.5)
-    tok = prepare_data.load_tokenizer(folder)
+    tok = tokenization.load_tokenizer(folder)
     for tokens, mask in examples(out).values():
         assert tokens[0] == tok.bos and tokens[-1] == tok.eos and (tokens[mask == 1] == tok.eos).sum() == 1
         assert tok.decode(tokens[mask == 1].tolist()).strip() == "Around 1606.</s>"

@@ -1,4 +1,4 @@
-"""prepare_data.load_tokenizer: a checkpoint's own tokenizer gives AutoTokenizer's ids, plus the bos our format needs.
+"""tokenization.load_tokenizer: a checkpoint's own tokenizer gives AutoTokenizer's ids, plus the bos our format needs.
 
 Every fixture is built here, offline: GPT-2 / OPT byte-level BPE files rebuilt from the vendored GPT-2 ranks, and a
 tiny LLaMA-style sentencepiece model trained on the embedded Shakespeare. transformers' AutoTokenizer is the reference.
@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import prepare_data  # noqa: E402
+import tokenization  # noqa: E402
 from conftest import added, llama_config, spm_dir, write_json  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -71,7 +72,7 @@ def byte_to_unicode():
 def gpt2_bpe():
     """GPT-2's (vocab, merges) rebuilt from the vendored tiktoken ranks: the merge that makes token r is what BPE
     does to r's bytes with the tokens ranked below r, which always ends in exactly two parts."""
-    ranks = prepare_data.gpt2_encoding()._mergeable_ranks
+    ranks = tokenization.gpt2_encoding()._mergeable_ranks
     u = byte_to_unicode()
     s = lambda b: "".join(u[x] for x in b)  # noqa: E731
     merges = []
@@ -136,14 +137,14 @@ def opt_dirs(gpt2_bpe, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["files", "json"])
 def test_gpt2_matches_autotokenizer_and_vendored_tiktoken(gpt2_dirs, kind):
-    tok, hf = prepare_data.load_tokenizer(gpt2_dirs[kind]), auto(gpt2_dirs[kind])
+    tok, hf = tokenization.load_tokenizer(gpt2_dirs[kind]), auto(gpt2_dirs[kind])
     assert hf_ids(hf, "Hello world") == [15496, 995]  # GPT-2's HF tokenizer adds no bos ...
     for text in TEXTS:
         assert tok.encode(text) == [EOT] + hf_ids(hf, text), text  # ... so ours starts documents with the eos
     assert (tok.bos, tok.eos, tok.vocab_size, tok.name) == (EOT, EOT, 50257, kind)
     assert tok.fingerprint == "gpt2"  # the same token -> id mapping as the tiktoken path: interchangeable
     # independent cross-check of the vendored ranks and of the GPT-2 path: tiktoken == HF on plain text
-    gpt2 = prepare_data.load_tokenizer("gpt2")
+    gpt2 = tokenization.load_tokenizer("gpt2")
     assert gpt2.encode_batch(PLAIN) == tok.encode_batch(PLAIN)
     # AutoTokenizer parses "<|endoftext|>" written in a text (so do we); the gpt2 path keeps it as text, as before
     special = TEXTS[6]
@@ -153,13 +154,13 @@ def test_gpt2_matches_autotokenizer_and_vendored_tiktoken(gpt2_dirs, kind):
 
 @pytest.mark.parametrize("kind", ["files", "json"])
 def test_opt_matches_autotokenizer(opt_dirs, kind):
-    tok, hf = prepare_data.load_tokenizer(opt_dirs[kind]), auto(opt_dirs[kind])
+    tok, hf = tokenization.load_tokenizer(opt_dirs[kind]), auto(opt_dirs[kind])
     assert hf_ids(hf, "Hello world") == [2, 15496 + 4, 995 + 4]  # OPT prepends </s> = 2, in its own id order
     for text in TEXTS:
         assert tok.encode(text) == hf_ids(hf, text), text
     assert (tok.bos, tok.eos, tok.vocab_size) == (2, 2, 50272)  # vocab_size: the model's, from config.json
     assert tok.fingerprint != "gpt2"
-    assert tok.fingerprint == prepare_data.load_tokenizer(opt_dirs["files" if kind == "json" else "json"]).fingerprint
+    assert tok.fingerprint == tokenization.load_tokenizer(opt_dirs["files" if kind == "json" else "json"]).fingerprint
 
 
 # ---- LLaMA-style sentencepiece
@@ -186,13 +187,13 @@ def llama_dirs(spm_model, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["spm", "spm_legacy", "json", "llama2"])
 def test_llama_matches_autotokenizer(llama_dirs, spm_model, kind):
-    tok, hf = prepare_data.load_tokenizer(llama_dirs[kind]), auto(llama_dirs[kind])
+    tok, hf = tokenization.load_tokenizer(llama_dirs[kind]), auto(llama_dirs[kind])
     assert "<sep>" in hf.get_vocab()
     for text in TEXTS + ["a<sep>b <sep> c", " <s> x"]:
         assert tok.encode(text) == hf_ids(hf, text), text
     assert (tok.bos, tok.eos, tok.vocab_size) == (1, 2, 800)
     # one mapping, whichever files hold it
-    assert tok.fingerprint == prepare_data.load_tokenizer(llama_dirs["spm"]).fingerprint != "gpt2"
+    assert tok.fingerprint == tokenization.load_tokenizer(llama_dirs["spm"]).fingerprint != "gpt2"
     assert tok.decode(tok.encode(TEXTS[4])[1:]) == TEXTS[4]
     # and sentencepiece itself gives the same ids on texts that don't start with a space
     sp = sentencepiece.SentencePieceProcessor(model_proto=spm_model)
@@ -204,7 +205,7 @@ def test_llama_matches_autotokenizer(llama_dirs, spm_model, kind):
 def test_llama_add_bos_token_false(spm_model, tmp_path):
     pytest.importorskip("google.protobuf")
     folder = spm_dir(tmp_path / "nobos", spm_model, add_bos_token=False)
-    tok, hf = prepare_data.load_tokenizer(folder), auto(folder)
+    tok, hf = tokenization.load_tokenizer(folder), auto(folder)
     assert hf_ids(hf, "Hello")[0] != 1  # no <s> from AutoTokenizer, so our documents start with the eos </s>
     assert tok.bos == tok.eos == 2
     for text in TEXTS:
@@ -217,12 +218,12 @@ def test_llama_bos_by_default(spm_model, tmp_path):
     cfg = {k: v for k, v in llama_config().items() if k != "add_bos_token"}
     folder = spm_dir(tmp_path / "nokey", spm_model)
     write_json(folder / "tokenizer_config.json", cfg)
-    assert prepare_data.load_tokenizer(folder).encode("Hello")[0] == 1
+    assert tokenization.load_tokenizer(folder).encode("Hello")[0] == 1
 
 
 def test_sentencepiece_pieces(llama_dirs, spm_model):
     # every kind of piece of a tokenizer.model keeps its id: unknown, control (<s> </s>), user-defined (<sep>), bytes
-    tok = prepare_data.load_tokenizer(llama_dirs["spm"])
+    tok = tokenization.load_tokenizer(llama_dirs["spm"])
     sp = sentencepiece.SentencePieceProcessor(model_proto=spm_model)
     assert [sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<sep>"]
     assert tok.hf.get_vocab() == {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}  # all 800, no extras
@@ -260,7 +261,7 @@ def test_prepare_with_checkpoint_tokenizer(tmp_path, monkeypatch, family, reques
     out = prepare_data.prepare(write_docs(tmp_path / "docs.jsonl"), tokenizer=str(folder), val_fraction=0.3)
     assert out == tmp_path / "data" / f"docs-{folder.name}"
     meta, found = read_docs(out)
-    tok = prepare_data.load_tokenizer(folder)
+    tok = tokenization.load_tokenizer(folder)
     bos = {"opt": 2, "llama": 1}[family]
     assert meta["tokenizer"] == folder.name and meta["tokenizer_fingerprint"] == tok.fingerprint
     assert (meta["vocab_size"], meta["bos"], meta["eot"], meta["dtype"]) == (tok.vocab_size, bos, 2, "uint16")
@@ -292,7 +293,7 @@ def llama3_dirs(gpt2_dirs, tmp_path_factory):
 
 @pytest.mark.parametrize("cls", ["PreTrainedTokenizerFast", "LlamaTokenizerFast"])
 def test_llama3_style_matches_autotokenizer(llama3_dirs, cls):
-    tok, hf = prepare_data.load_tokenizer(llama3_dirs[cls]), auto(llama3_dirs[cls])
+    tok, hf = tokenization.load_tokenizer(llama3_dirs[cls]), auto(llama3_dirs[cls])
     for text in TEXTS:
         assert tok.encode(text) == hf_ids(hf, text), text
     assert (tok.bos, tok.eos, tok.vocab_size) == (50257, EOT, 128256)
@@ -305,7 +306,7 @@ def test_prepare_uint32_for_a_big_vocabulary(llama3_dirs, tmp_path):
     out = prepare_data.prepare(write_docs(tmp_path / "d.jsonl"), out_dir=tmp_path / "o", tokenizer=str(folder))
     meta, found = read_docs(out)
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 128256 and meta["bos"] == 50257
-    assert found == {i: prepare_data.load_tokenizer(folder).encode(t) for i, t in enumerate(TEXTS) if t.strip()}
+    assert found == {i: tokenization.load_tokenizer(folder).encode(t) for i, t in enumerate(TEXTS) if t.strip()}
     assert (out / "train.bin").stat().st_size == 4 * meta["train"]["tokens"]
 
 
@@ -324,7 +325,7 @@ def test_gpt2_default_is_unchanged(tmp_path):
     meta, found = read_docs(out)
     assert (meta["tokenizer"], meta["tokenizer_fingerprint"], meta["vocab_size"]) == ("gpt2", "gpt2", 50257)
     assert meta["bos"] == meta["eot"] == EOT and meta["dtype"] == "uint16"
-    enc = prepare_data.gpt2_encoding()
+    enc = tokenization.gpt2_encoding()
     assert found == {i: [EOT] + enc.encode_ordinary(t) for i, t in enumerate(TEXTS) if t.strip()}
 
 
