@@ -153,7 +153,7 @@ def method_step(model, optimizer, batches, method, hparams, ctx, device):
     if method == "mean":
         losses = plain_mean(model, batches, ctx)
     else:
-        train.SAMPLE_GRAPHS = method != "midrank-plain"
+        train.BY_SAMPLE = method != "midrank-plain"
         losses, w = train.forward_backward(model, batches, method.removesuffix("-plain"), hparams, ctx)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

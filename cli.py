@@ -227,7 +227,6 @@ def check(args, size, distributed):
     """Flag values that cannot work, whatever the data. `size`: the number of processes."""
     import torch
 
-    import reweight
     import runtime
     if args.fsdp and not distributed:
         raise ValueError("--fsdp shards the model over torchrun's processes: launch with "
@@ -258,14 +257,27 @@ def check(args, size, distributed):
         check_low_memory(args)
     if args.overwrite and args.init_from == "resume":
         raise ValueError("--overwrite replaces the run in --out_dir, --init_from resume continues it: pass one")
-    n = args.batch_size * args.grad_accum * size
-    # the method's own checks (tau > 0, skip + keep <= 1, ...), on a batch of n zero losses
-    reweight.weights(torch.zeros(n), args.method, **method_hparams(args))
+    check_method(args.method, method_hparams(args), args.batch_size * args.grad_accum * size)
     if args.wandb:
         try:
             import wandb  # noqa: F401  (optional: never required)
         except ImportError:
             raise ValueError("--wandb needs the wandb package: pip install wandb, or drop --wandb") from None
+
+
+def check_method(method, hparams, n):
+    """The method's own checks (tau > 0, skip + keep <= 1, ...), on a pool of n spread-out losses. A streamed method
+    trains on softmax(its .score) (train.streamed), so that must be the method itself: an edited reweight.py function
+    whose .score no longer matches is refused here, not trained on silently."""
+    import torch
+
+    import reweight
+    losses = torch.linspace(0.5, 12.0, n, dtype=torch.float64)
+    w = reweight.weights(losses, method, **hparams)
+    fn, hp = reweight.method(method, **hparams)
+    if hasattr(fn, "score") and not torch.allclose(torch.softmax(fn.score(losses, **hp), 0), w, rtol=1e-4, atol=1e-8):
+        raise ValueError(f"reweight.{method} disagrees with softmax(reweight.{method}.score): make them agree, or "
+                         f"delete {method}.score to train on reweight.{method} alone")
 
 
 def check_low_memory(args):

@@ -76,15 +76,15 @@ def make_norm(config, dim):
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_inv_freq(config, seq_len, dtype=torch.float32):
+def rope_inv_freq(config, seq_len, dtype=torch.float32, device=None):
     """Rotary frequencies theta^(-2j/d), j < d/2, with the checkpoint's scaling variant applied (in float32 as
-    Hugging Face does, or in float64 for a float64 model)."""
+    Hugging Face does, or in float64 for a float64 model), made on `device`."""
     d, base, s = config.head_dim, config.rope_theta, config.rope_scaling or {}
     kind = s.get("rope_type", s.get("type", "default"))
     if kind == "dynamic" and seq_len > s["original_max_position_embeddings"]:
         # NTK-aware: grow the base once the sequence outruns the trained context
         base *= (s["factor"] * seq_len / s["original_max_position_embeddings"] - (s["factor"] - 1)) ** (d / (d - 2))
-    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.int64).to(dtype) / d)
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).to(dtype) / d)
     if kind == "linear":  # position interpolation: positions / factor
         inv_freq = inv_freq / s["factor"]
     elif kind == "llama3":  # long wavelengths slowed by factor, short ones kept, a smooth band between
@@ -98,9 +98,11 @@ def rope_inv_freq(config, seq_len, dtype=torch.float32):
 
 
 def rope_cos_sin(config, T, device, dtype=torch.float32):
-    """cos, sin of shape (T, head_dim) in `dtype` (float32 at least), frequencies repeated over the two halves."""
+    """cos, sin of shape (T, head_dim) in `dtype` (float32 at least), frequencies repeated over the two halves.
+    Made on the device in each forward pass, not cached: a few element-wise kernels over T x head_dim (fused into
+    the graph under torch.compile), with no host-to-device copy to wait for and no cache for the compiler to guard."""
     dtype = torch.promote_types(dtype, torch.float32)
-    inv_freq = rope_inv_freq(config, T, dtype).to(device)
+    inv_freq = rope_inv_freq(config, T, dtype, device)
     angles = torch.outer(torch.arange(T, device=device, dtype=dtype), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()

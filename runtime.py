@@ -398,13 +398,12 @@ class StopSignal:
         self.previous = {sig: signal.signal(sig, lambda signum, frame: self.received.append(signum))
                          for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def requested(self, device):
-        """The signal's number (SIGTERM 15, SIGINT 2) on every rank once any rank got one, else 0: the ranks may get it
-        at different moments, and agree on the step and on the exit code."""
-        self.signum = self.received[0] if self.received else 0
-        if dist.is_initialized():
-            self.signum = int(all_max(torch.tensor(float(self.signum), device=device)).item())
-        return self.signum
+    def flag(self, like):
+        """The signal's number (SIGTERM 15, SIGINT 2), max-reduced over the ranks, as a 1-element tensor like `like`:
+        the ranks may get it at different moments and must agree on the step and on the exit code. Read on the host
+        with the step's losses (train.py), so that the check adds no device sync of its own."""
+        return all_max(torch.full((1,), float(self.received[0] if self.received else 0), dtype=like.dtype,
+                                  device=like.device))
 
     def name(self):
         return signal.Signals(self.signum).name if self.signum else "a signal"

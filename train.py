@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,16 @@ def step_samples(seed, step, n, n_samples):
     return epoch_order(seed, epoch, n_samples)[k * n:(k + 1) * n].copy()
 
 
+def step_batches(data, args, step, device):
+    """(the samples of step `step`, this rank's micro-batches of them on the device)."""
+    rank, size = world()
+    n_rank = args.batch_size * args.grad_accum
+    samples = step_samples(args.seed, step, n_rank * size, len(data["start"]))
+    own = samples[rank * n_rank:(rank + 1) * n_rank]
+    return samples, [get_batch(data, own[i:i + args.batch_size], args.block_size, device)
+                     for i in range(0, n_rank, args.batch_size)]
+
+
 @functools.lru_cache(maxsize=2)
 def epoch_order(seed, epoch, n_samples):
     return np.random.default_rng([seed, epoch]).permutation(n_samples)
@@ -88,40 +99,35 @@ def epoch_order(seed, epoch, n_samples):
 
 # -----------------------------------------------------------------------------
 # one optimizer step: the gradient of sum_i w_i l_i over the whole effective batch
-#
-# With the whole batch in one forward pass, the method is these lines (`model` returns per-sample losses):
-#
-#     _, l = model(x, y)                                    # l_i: mean token loss of sample i, shape (n,)
-#     w = reweight.weights(l.detach(), method, **hparams)   # w from the detached losses: no gradient through w
-#     (w * l).sum().backward()                              # grad = sum_i w_i grad l_i
-#
-# That keeps the graphs of all n samples alive until the backward pass (the official code did so across
-# its whole pool). forward_backward gets the same gradient with one micro-batch alive at a time, in one of
-# two exact ways (three: dropout needs its own), and under torchrun with the weights of the global batch.
+
+def naive_step(model, x, y, method, hparams, ctx=nullcontext()):
+    """The step as the method defines it, runnable: all n samples in one forward pass. -> (losses, weights)
+    Exact, and the oracle that forward_backward is tested equal to (tests/test_train.py); but it keeps the graphs of
+    the whole batch alive until the backward pass (the official code kept them across its whole pool)."""
+    with ctx:
+        _, losses = model(x, y)                               # l_i: mean token loss of sample i, shape (n,)
+    w = reweight.weights(losses.detach(), method, **hparams)  # from the detached losses: no gradient through w
+    (w * losses).sum().backward()                             # grad = sum_i w_i grad l_i
+    return losses.detach(), w
+
 
 def forward_backward(model, batches, method, hparams, ctx, scale=lambda loss: loss):
-    """Leave grad = d/dtheta sum_i w_i l_i in the parameters, w = reweight.weights(the losses of all
-    micro-batches of all processes). Returns (losses, weights) of the whole effective batch.
+    """naive_step's gradient with one micro-batch's graph alive at a time: leaves grad = d/dtheta sum_i w_i l_i in
+    the parameters, w = reweight.weights(the losses of all micro-batches of all processes). -> (losses, weights) of
+    the whole effective batch, left on the device. Two exact forms: `streamed` for the methods whose weights are a
+    softmax of per-sample scores (those reweight.py gives a `.score`: ERM, IR-DRO), `scored` for every other one.
 
-    Under torchrun, `batches` are this rank's share (rank r holds samples r*n_r .. (r+1)*n_r - 1 of the
-    step); DDP/FSDP average the ranks' gradients, so each rank's loss is multiplied by the world size to
-    turn that mean into the sum. `scale` is the float16 loss scaler's (gradients are linear in it)."""
-    params = list(model.parameters())  # before any forward: FSDP swaps in gathered parameters during one
+    Under torchrun, `batches` are this rank's share (rank r holds samples r*n_r .. (r+1)*n_r - 1 of the step); DDP
+    and FSDP average the ranks' gradients, so each rank's loss is multiplied by the world size to turn that mean
+    into the sum. `scale` is the float16 loss scaler's (gradients are linear in it)."""
     backward = lambda weighted_loss: scale(weighted_loss * world()[1]).backward()  # noqa: E731
     fn, hp = reweight.method(method, **hparams)
-    if getattr(fn, "score", None) is None:  # under dropout the ranked losses must be the trained ones: replayed
-        dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
-        return (replayed if dropout else scored)(model, batches, method, hparams, ctx, backward)
-    losses, w = streamed(model, batches, lambda losses: fn.score(losses, **hp), ctx, backward, params)
-    # the shortcut must agree with the definition: an edited reweight.py function fails loudly here
-    w_def = reweight.weights(losses, method, **hparams)
-    if not (torch.isclose(w, w_def, rtol=1e-2, atol=1e-6).all() | ~torch.isfinite(losses).all()):
-        raise RuntimeError(f"reweight.{method} disagrees with softmax(reweight.{method}.score): make them "
-                           f"agree, or delete {method}.score to train on reweight.{method} alone")
-    return losses, w_def
+    if hasattr(fn, "score"):  # softmax(score) was held to the method itself at set-up (cli.check_method)
+        return streamed(model, batches, lambda losses: fn.score(losses, **hp), ctx, backward)
+    return scored(model, batches, lambda losses: reweight.weights(losses, method, **hparams), ctx, backward)
 
 
-def streamed(model, batches, score, ctx, backward, params):
+def streamed(model, batches, score, ctx, backward):
     """For weights that are a softmax of per-sample scores (ERM: s_i = 0; IR-DRO: s_i = l_i / tau), with
     w_i = exp(s_i) / Z and one normaliser Z = sum_j exp(s_j) over the whole batch,
 
@@ -131,7 +137,9 @@ def streamed(model, batches, score, ctx, backward, params):
     divided by Z at the end: an online softmax, no extra forward pass. M is the running max of the scores,
     so that exp never overflows; when it grows, what was accumulated so far (gradient and Z) is multiplied
     by exp(M_old - M_new). Under torchrun every rank shares M (all-reduce max) and Z (all-reduce sum)."""
-    losses, top, norm = [], torch.tensor(-math.inf, device=batches[0][0].device), 0.0
+    params = list(model.parameters())  # before any forward: FSDP swaps in gathered parameters during one
+    losses, norm = [], 0.0
+    top = torch.full((), -math.inf, device=batches[0][0].device)  # made on the device: no copy from the host
     for i, (x, y) in enumerate(batches):
         with grad_sync(model, last=i == len(batches) - 1):
             with ctx:
@@ -151,81 +159,74 @@ def streamed(model, batches, score, ctx, backward, params):
     return losses, torch.softmax(score(losses), dim=0)
 
 
-SAMPLE_GRAPHS = True  # scored, one process: the last micro-batch's per-sample graphs (bench.py times both forms)
+def scored(model, batches, weigh, ctx, backward):
+    """Any method: score the whole batch without graphs, weigh it, then forward and backward only the samples that
+    weigh, re-packed into micro-batches of the usual size: a dropped sample never pays for a backward pass.
 
-
-def scored(model, batches, method, hparams, ctx, backward):
-    """Any method: score the whole batch, compute the weights, then forward and backward only the samples that
-    weigh, re-packed into micro-batches: dropped samples never pay for a backward pass. Scoring builds no graph,
-    except in one process (SAMPLE_GRAPHS) for the last micro-batch: one graph per sample, so that its kept samples
-    are backpropagated with no second forward and its dropped ones freed. Under torchrun (DDP/FSDP expect one
-    forward per backward) the ranks gather the scores; a rank that keeps none syncs with a weight-0 sample."""
-    rank, size = world()
-    first = batches[:-1] if size == 1 and SAMPLE_GRAPHS else batches  # scored without graphs, forwarded if kept
+    Under dropout every pass draws new masks, so a re-packed pass would train other losses than the ones ranked;
+    there each micro-batch that holds a kept sample is forwarded again as it was scored instead, from the RNG state
+    its scoring pass started from (the same masks, the same losses), its dropped rows weighing 0. Under torchrun
+    the ranks gather the scores and all run as many passes (DDP and FSDP expect one forward per backward, and
+    FSDP's passes are collectives). One optimisation, where it wins: the last micro-batch `by_sample`."""
+    rank, _ = world()
+    device, size, n_own = batches[0][0].device, len(batches[0][0]), sum(len(x) for x, _ in batches)
+    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+    graphs = by_sample(model, batches, ctx) if not dropout and by_sample_wins(model) else []
+    states, own = [], []
     with torch.no_grad(), ctx:
-        own = [model(x, y)[1] for x, y in first]
-    graphs = []
-    if len(first) < len(batches):  # the last micro-batch: scored through one graph per sample
-        x, y = batches[-1]
-        with ctx:
-            graphs = [model(x[i:i + 1], y[i:i + 1])[1] for i in range(len(x))]
-        own.append(torch.cat(graphs).detach())
-    own = torch.cat(own)
-    losses = all_cat(own)
-    w = reweight.weights(losses, method, **hparams)
-    w_own = w[rank * len(own):(rank + 1) * len(own)]
-    n_first = len(own) - len(graphs)
-    if graphs:  # the last micro-batch's kept samples, through the graphs of its scoring pass
-        kept = w_own[n_first:].nonzero().squeeze(1).tolist()
-        if kept:
-            backward((torch.cat([graphs[i] for i in kept]) * w_own[n_first:][kept]).sum())
+        for x, y in batches[:len(batches) - bool(graphs)]:  # (by_sample scored the last one)
+            states.append(runtime.rng_state(device) if dropout else None)
+            own.append(model(x, y)[1])
+    after = runtime.rng_state(device) if dropout else None
+    losses = all_cat(torch.cat(own + [g.detach() for g in graphs]))
+    w = weigh(losses)
+    w_own = w[rank * n_own:(rank + 1) * n_own]
+    kept = w_own.nonzero().squeeze(1)  # the step's one read of the weights (a device sync): how many passes
+    if graphs:  # its kept samples through their own graphs; the dropped ones are freed unbackpropagated
+        n_first = n_own - len(graphs)
+        last = [i for i in kept.tolist() if i >= n_first]
+        if last:
+            backward(sum(graphs[i - n_first] * w_own[i] for i in last).sum())
         del graphs
-    if n_first == 0:
-        return losses, w
-    x_all, y_all = torch.cat([x for x, _ in first]), torch.cat([y for _, y in first])
-    kept = w_own[:n_first].nonzero().squeeze(1)
-    chunks = [(rows, w_own[rows]) for rows in kept.split(len(batches[0][0])) if len(rows)]
-    zero = torch.zeros(1, dtype=torch.long, device=x_all.device)  # torchrun: as many chunks on every rank,
-    chunks = runtime.same_count(chunks, (zero, w_own[zero] * 0), zero.device)  # padded with a weight-0 sample
-    for i, (rows, w_rows) in enumerate(chunks):
-        with grad_sync(model, last=i == len(chunks) - 1):
-            with ctx:
-                _, loss = model(x_all[rows], y_all[rows])
-            backward((loss * w_rows).sum())
-    return losses, w
-
-
-def replayed(model, batches, method, hparams, ctx, backward):
-    """`scored` under dropout, where each pass draws new masks: ranked losses of one pass would not be the trained
-    ones of another. So each micro-batch is scored by the training pass itself, from a saved RNG state, and one
-    with kept samples is forwarded again from that state at the same shape: the same masks and losses, now with a
-    graph, dropped rows weighing 0. In one process the last one keeps its graph. The RNG ends as after one pass."""
-    rank, size = world()
-    device, sizes = batches[0][0].device, [len(x) for x, _ in batches]
-    states, own, graph = [], [], None
-    for i, (x, y) in enumerate(batches):
-        states.append(runtime.rng_state(device))
-        last = size == 1 and i == len(batches) - 1  # its graph is kept; the others are replayed: no graph now
-        with grad_sync(model, last=False), ctx, torch.set_grad_enabled(last):  # DDP: no sync, not backpropagated
+        kept = kept[:len(kept) - len(last)]
+    if dropout:  # the micro-batches holding a kept sample again, as scored
+        again = sorted({i // size for i in kept.tolist()})
+        passes = [(states[j], *batches[j], w_own[j * size:(j + 1) * size]) for j in again]
+    else:  # the kept samples, re-packed
+        x_all, y_all = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+        passes = [(None, x_all[rows], y_all[rows], w_own[rows]) for rows in kept.split(size) if len(rows)]
+    x, y = batches[0]
+    passes = runtime.same_count(passes, (None, x[:1], y[:1], w_own[:1] * 0), device)  # torchrun: weight-0 passes
+    for i, (state, x, y, w_rows) in enumerate(passes):
+        if state is not None:
+            runtime.set_rng_state(state, device)
+        with grad_sync(model, last=i == len(passes) - 1), ctx:
             _, loss = model(x, y)
-        graph = loss if last else None
-        own.append(loss.detach())
-    after = runtime.rng_state(device)
-    losses = all_cat(torch.cat(own))
-    w = reweight.weights(losses, method, **hparams)
-    w_own = w[rank * sum(sizes):(rank + 1) * sum(sizes)].split(sizes)
-    if graph is not None and w_own[-1].any():
-        backward((graph * w_own[-1]).sum())
-    del graph, loss
-    again = [(i, w_own[i]) for i in range(len(batches) - (size == 1)) if w_own[i].any()]
-    again = runtime.same_count(again, (0, w_own[0] * 0), device)  # torchrun: as many passes on every rank
-    for j, (i, w_rows) in enumerate(again):
-        runtime.set_rng_state(states[i], device)
-        with grad_sync(model, last=j == len(again) - 1), ctx:
-            _, loss = model(*batches[i])
         backward((loss * w_rows).sum())
-    runtime.set_rng_state(after, device)
+    if dropout:  # the RNG ends as after one pass a micro-batch
+        runtime.set_rng_state(after, device)
     return losses, w
+
+
+BY_SAMPLE = None  # None: by by_sample_wins's rule; True / False: forced (the tests and bench.py take both forms)
+
+
+def by_sample(model, batches, ctx):
+    """An optimisation of `scored` in one process: the last micro-batch is scored through one graph per sample, so
+    that its kept samples are backpropagated with no second forward pass and its dropped ones freed. -> the graphs"""
+    x, y = batches[-1]
+    with ctx:
+        return [model(x[i:i + 1], y[i:i + 1])[1] for i in range(len(x))]
+
+
+def by_sample_wins(model):
+    """by_sample saves a forward pass of the kept samples and pays in batch-of-one passes: it wins where the output
+    layer is most of the forward. Measured (bench.py, README, 2 CPU cores): MidRanking keep 0.5 at grad_accum 1 went
+    from 0.79x to 0.75x ERM with GPT-2 BPE (output layer 89% of the weights) and from 0.85x to 1.03x with characters
+    (2%). So: in one process, where the output layer holds more weights than all blocks (OPT and LLaMA: 20-45%)."""
+    if world()[1] > 1 or BY_SAMPLE is not None:
+        return bool(BY_SAMPLE) and world()[1] == 1
+    return model.lm_head.weight.numel() > sum(p.numel() for p in model.transformer.h.parameters())
 
 
 # -----------------------------------------------------------------------------
@@ -339,12 +340,10 @@ def main(argv=None):
 
 def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, val_data, step, log):
     """The training loop, from `step` to max_iters. -> (the last val loss, the number of a signal that stopped it)"""
-    rank, size = world()
-    n_rank = args.batch_size * args.grad_accum
-    n, n_train = n_rank * size, len(train_data["start"])
+    n = args.batch_size * args.grad_accum * world()[1]  # samples in a step, all ranks
     hparams = cli.method_hparams(args)
     eval_set = np.sort(np.random.default_rng(0).permutation(len(val_data["start"]))[:args.eval_samples])
-    val_loss, last_eval, skipped = None, (step if args.init_from == "resume" else None), 0
+    val_loss, last_eval, skipped, upcoming = None, (step if args.init_from == "resume" else None), 0, None
     stop = runtime.StopSignal()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 128 + the signal's number
     progress = runtime.Progress(raw_model, args.block_size, device, runtime.pick_dtype(args.dtype, device), step,
                                 args.max_iters)
@@ -359,7 +358,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
                 checkpoint(step, val_loss=val_loss)
         if step >= args.max_iters:
             break
-        if stop.requested(device):  # all ranks stop at the same step
+        if stop.signum:  # all ranks stop at the same step (read with the last step's losses)
             checkpoint(step, val_loss=val_loss)
             log.print(f"stopped by {stop.name()} after step {step}: checkpoint saved; go on with --init_from resume")
             break
@@ -367,13 +366,12 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
         t0 = time.time()
         lr = lr_at(step, args)
         runtime.set_lr(optimizer, lr)
-        samples = step_samples(args.seed, step, n, n_train)  # the global batch; this rank's share below
-        own = samples[rank * n_rank:(rank + 1) * n_rank]
-        batches = [get_batch(train_data, own[i:i + args.batch_size], args.block_size, device)
-                   for i in range(0, n_rank, args.batch_size)]
+        samples, batches = upcoming or step_batches(train_data, args, step, device)  # this rank's share of samples
         method = args.method if step >= args.reweight_warmup else "erm"  # --reweight_warmup: uniform weights first
         losses, w = forward_backward(model, batches, method, hparams, ctx, scaler.scale)
-        losses, w = losses.cpu(), w.cpu()  # the one device sync of the step
+        upcoming = step_batches(train_data, args, step + 1, device)  # made (and copied) while the device computes
+        host = torch.cat([losses, w, stop.flag(losses)]).cpu()  # the one device sync of the step
+        losses, w, stop.signum = host[:n], host[n:2 * n], int(host[-1])
         docs = train_data["doc"][samples]
         skipped = runtime.step_or_skip(optimizer, scaler, model, args, losses, docs, step, log, skipped)  # non-finite
         dt = time.time() - t0

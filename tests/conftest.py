@@ -98,3 +98,46 @@ def tiny_llama_data(tmp_path_factory, tiny_data, tiny_llama_ckpt):
     """The tiny corpus of tiny_data tokenized with tiny_llama_ckpt's own tokenizer (what --pretrained needs)."""
     return prepare_data.prepare(dataset=str(tiny_data.parent / "docs.jsonl"), val_fraction=0.2,
                                 out_dir=tmp_path_factory.mktemp("llama_data") / "data", tokenizer=str(tiny_llama_ckpt))
+
+
+class HostWaits:
+    """Counts, on any device, what would make the host wait for a GPU or copy to it: reading a value (.item(),
+    bool(), .tolist(), .cpu(), .numpy()), an op whose output size depends on the values (nonzero, a boolean mask),
+    a tensor made from host data (torch.tensor of a list, a list index: a copy to the device; a Python number is
+    left out: `w[i] = 0.5` fills on the device). On a CPU none of these costs anything, so they are counted, not
+    timed: `with HostWaits() as waits: ...`, then `waits.seen` lists them in order."""
+
+    def __init__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        aten, seen = torch.ops.aten, []
+        self.seen = seen
+        waits = {aten._local_scalar_dense.default: "read a value", aten.nonzero.default: "nonzero",
+                 aten.masked_select.default: "masked_select", aten.lift_fresh.default: "tensor from host data",
+                 aten.lift_fresh_copy.default: "tensor from host data"}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                masked = func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+                number = "lift" in func.__name__ and args[0].dim() == 0
+                if (func in waits and not number) or masked:
+                    seen.append("boolean mask" if masked else waits[func])
+                return func(*args, **(kwargs or {}))
+
+        self.mode, self.patch = Mode(), pytest.MonkeyPatch()
+        for name in ("cpu", "tolist", "numpy"):
+            self.patch.setattr(torch.Tensor, name, self.counted(getattr(torch.Tensor, name), name))
+
+    def counted(self, method, name):
+        def wrapper(*args, **kwargs):
+            self.seen.append(name)
+            return method(*args, **kwargs)
+        return wrapper
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        self.patch.undo()

@@ -91,6 +91,31 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert torch.allclose(p.grad, g, atol=1e-6)
 
 
+def test_rotary_tables_are_made_on_the_device_with_nothing_from_the_host():
+    """A forward pass on a GPU must not copy the RoPE tables from the host (a copy from pageable memory waits for
+    the device): on the meta device, no op of rope_cos_sin makes a CPU tensor, or a tensor from host data."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from conftest import HostWaits
+    from model import rope_cos_sin
+    made_on_host = []
+
+    class OnHost(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in torch.utils._pytree.tree_leaves(out)):
+                made_on_host.append(str(func))
+            return out
+
+    for scaling in (None, dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                original_max_position_embeddings=8), dict(rope_type="dynamic", factor=2.0,
+                                                                          original_max_position_embeddings=8)):
+        config = GPTConfig(n_embd=32, n_head=2, pos="rope", rope_scaling=scaling)
+        with OnHost(), HostWaits() as waits:
+            cos, sin = rope_cos_sin(config, 16, torch.device("meta"), torch.bfloat16)
+        assert cos.device.type == "meta" and cos.dtype == torch.float32 and cos.shape == (16, config.head_dim)
+        assert made_on_host == [] and waits.seen == [], (scaling, made_on_host, waits.seen)
+
+
 # --- casts only ever go up: float32 is the floor, float64 stays float64 ----------------------
 
 def test_rmsnorm_and_rotary_positions_of_a_float64_model_stay_float64():

@@ -96,7 +96,7 @@ def reference_grads(model, x, y, method, tau, skip, keep):
 @pytest.mark.parametrize("method", reweight.METHODS)
 @pytest.mark.parametrize("micro", [8, 4, 2, 1])
 def test_forward_backward_equals_the_whole_batch_gradient(method, micro, sample_graphs, monkeypatch):
-    monkeypatch.setattr(train, "SAMPLE_GRAPHS", sample_graphs)
+    monkeypatch.setattr(train, "BY_SAMPLE", sample_graphs)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
     x = torch.randint(64, (8, 16))
@@ -163,6 +163,35 @@ def test_midrank_under_torchrun_keeps_unevenly_over_the_ranks(tiny_flags, tmp_pa
         assert_same_run(tmp_path / "ddp1", tmp_path / "fsdp1", atol=3e-5)
 
 
+@pytest.mark.parametrize("method,dropout,by_sample,waits", [
+    ("erm", 0.0, None, []), ("irdro", 0.0, None, []),  # streamed: nothing read until the loop reads the step
+    ("midrank", 0.0, False, ["nonzero"]),  # which samples are kept, hence how many passes: the one read it needs
+    ("midrank", 0.0, True, ["nonzero", "tolist"]),  # by_sample also picks the kept ones' graphs on the host
+    ("midrank", 0.1, None, ["nonzero", "tolist"])])  # under dropout: which micro-batches to forward again
+def test_a_step_waits_for_the_device_only_where_the_method_must(method, dropout, by_sample, waits, monkeypatch):
+    """The host-device waits of a step (tests/conftest.py HostWaits: reads, value-sized ops, copies of host data),
+    counted in forward_backward and the optimizer step (clipped, AdamW); the loop then reads the losses and
+    weights once. A GPU runs ahead of the host between them: a wait anywhere else would stall it every step."""
+    from conftest import HostWaits
+    monkeypatch.setattr(train, "BY_SAMPLE", by_sample)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=dropout, pos="rope",
+                          norm="rmsnorm", mlp="swiglu", bias=False)).train()
+    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # bf16 and float32 need none (float16's reads its scale)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(64, (8, 16), generator=g), torch.randint(64, (8, 16), generator=g)
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 8, 4)]
+    for step in range(2):
+        with HostWaits() as host:
+            losses, w = train.forward_backward(model, batches, method, dict(tau=0.5, skip=0.25, keep=0.5),
+                                               nullcontext(), scaler.scale)
+            assert runtime.optimizer_step(optimizer, scaler, model.parameters(), grad_clip=1.0)
+        optimizer.zero_grad(set_to_none=True)
+        assert host.seen == waits, (step, host.seen)
+        assert losses.shape == w.shape == (8,) and float(w.sum()) == pytest.approx(1)
+
+
 # --- reweight.py is the one definition of the weights: training follows it --------------------
 
 def float64_reference(model, x, y, weight_fn):
@@ -218,9 +247,10 @@ def test_an_edited_method_whose_streaming_form_disagrees_fails_loudly(monkeypatc
         return torch.softmax(losses / (10 * tau), dim=0)
 
     flattened.score = reweight.irdro.score
+    train.cli.check_method("irdro", dict(tau=0.05), 8)  # the method as it is: agrees
     monkeypatch.setattr(reweight, "irdro", flattened)
-    with pytest.raises(RuntimeError, match="disagrees"):
-        micro_step(tiny_model(), "irdro", dict(tau=0.05), micro=2)
+    with pytest.raises(ValueError, match="disagrees"):
+        train.cli.check_method("irdro", dict(tau=0.05), 8)
 
 
 def add_method(monkeypatch, name, fn):
@@ -870,7 +900,7 @@ class SavedTensors:
     ("midrank", 0.1, True), ("random", 0.0, False)])
 def test_one_micro_batch_graph_at_a_time_and_nothing_outlives_its_backward(method, dropout, sample_graphs,
                                                                             monkeypatch):
-    monkeypatch.setattr(train, "SAMPLE_GRAPHS", sample_graphs)
+    monkeypatch.setattr(train, "BY_SAMPLE", sample_graphs)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=dropout)).train()
     g = torch.Generator().manual_seed(0)
