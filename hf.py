@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -343,46 +344,30 @@ def save_pretrained(model, out_dir, special_ids=None):
 
 
 # -----------------------------------------------------------------------------
-# the export's tokenizer: GPT-2's (rebuilt from tiktoken's ranks) or the tokenizer of a checkpoint
-
-def byte_chars():
-    """GPT-2's byte -> character map. Byte-level BPE writes every byte as one printable character so that
-    vocab.json and merges.txt are text: printable Latin-1 bytes stand for themselves, the other 68 (controls,
-    space, ...) for the characters from U+0100 on, in byte order (so a space is 'Ġ', a newline 'Ċ')."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = iter(range(256, 512))
-    return {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
-
-
-def last_merge(token, ranks):
-    """The two parts that BPE merged last into `token`. tiktoken keeps no merge list, only ranks, and its rule
-    is to merge the lowest-ranked adjacent pair first; replaying that on the token's own bytes until two parts
-    are left gives the merge (merges.txt lists merges by the rank of what they make)."""
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 2:
-        _, i = min((ranks.get(a + b, len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return parts
-
+# the export's tokenizer: GPT-2's (converted from tiktoken's ranks by transformers) or the tokenizer of a checkpoint
 
 def write_gpt2_tokenizer(out_dir, max_length):
-    """GPT-2's vocab.json, merges.txt and tokenizer_config.json (what the hub's gpt2 folder holds), rebuilt
-    offline from the ranks that prepare_data tokenized with: the same ids. -> the special-token ids for
-    config.json (<|endoftext|> = 50256 is both bos and eos)."""
-    enc = tokenization.gpt2_encoding()
+    """GPT-2's tokenizer.json and tokenizer_config.json, made offline by transformers' TikTokenConverter from the
+    ranks that prepare_data tokenized with (it recovers the merges from the rank order): the same ids as tiktoken.
+    -> the special-token ids for config.json (<|endoftext|> = 50256 is both bos and eos)."""
+    from transformers import GPT2TokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
     eot = "<|endoftext|>"
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != enc.eot_token}
-    chars = byte_chars()
-    text = {t: "".join(chars[b] for b in t) for t in ranks}
-    vocab = {text[t]: i for t, i in ranks.items()} | {eot: enc.eot_token}
-    merges = [" ".join(text[p] for p in last_merge(t, ranks)) for t in sorted(ranks, key=ranks.get) if len(t) > 1]
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    # the converter reads a plain ranks file with tiktoken.load (a local path: no network, no blobfile): ours,
+    # unzipped for the moment of the conversion; TIKTOKEN_CACHE_DIR="": tiktoken keeps no copy of it in its cache
+    ranks = Path(out_dir) / "gpt2.tiktoken"
+    ranks.write_bytes(tokenization.gpt2_ranks_text())
+    try:
+        with mock.patch.dict(os.environ, TIKTOKEN_CACHE_DIR=""):
+            # the special token under both of its argument names: transformers 5's extra_, 4's additional_
+            tok = TikTokenConverter(vocab_file=str(ranks), pattern=tokenization.gpt2_pattern(),
+                                    extra_special_tokens=[eot], additional_special_tokens=[eot]).converted()
+    finally:
+        ranks.unlink()
     # no bos is added and no prefix space, as in GPT-2 and prepare_data (a document's <|endoftext|> is data)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(dict(
-        tokenizer_class="GPT2Tokenizer", model_max_length=max_length, bos_token=eot, eos_token=eot, unk_token=eot,
-        add_bos_token=False, add_prefix_space=False, errors="replace"), indent=2) + "\n")
-    return dict(bos_token_id=enc.eot_token, eos_token_id=enc.eot_token)
+    GPT2TokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot, unk_token=eot, add_prefix_space=False,
+                      model_max_length=max_length).save_pretrained(out_dir)
+    return dict(bos_token_id=tok.token_to_id(eot), eos_token_id=tok.token_to_id(eot))
 
 
 # raw vocabularies that transformers 5 no longer writes beside tokenizer.json, but other tools read
@@ -408,7 +393,7 @@ def save_tokenizer(source, out_dir):
 def export(config, state_dict, out_dir, tokenizer=None):
     """Trained weights (a state dict of GPT(config)) as a Hugging Face folder with the tokenizer the data was
     made with, ready for transformers and lm-evaluation-harness (`lm_eval --model hf --model_args
-    pretrained=OUT_DIR`). tokenizer: "gpt2" (GPT-2's, rebuilt from the vendored ranks), a checkpoint folder or
+    pretrained=OUT_DIR`). tokenizer: "gpt2" (GPT-2's, converted from the vendored ranks), a checkpoint folder or
     hub name (its own tokenizer), or None (the weights alone)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")  # written there, then moved in file by file: a failure (a full

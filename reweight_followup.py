@@ -1,7 +1,8 @@
 """
 Beyond the paper: the follow-up weightings of Sow et al. (ICLR 2025, arXiv 2502.06733) and an exact random
 control for MidRanking. Each is one function of the pool's detached losses, like the paper's methods in
-reweight.py, which lists them in its METHODS: train.py trains them exactly as it trains those.
+reweight.py, which lists them in its METHODS: train.py trains them exactly as it trains those. This file imports
+nothing of reweight.py (which imports it), so the two never form an import circle.
 
 Plain IR-DRO is monotone in the loss, so the highest losses (often noise) weigh most. The follow-up maps the
 pool's losses linearly onto [-1, 1],
@@ -20,10 +21,9 @@ first, as for MidRanking. A pool of equal losses has no range: x = 0, uniform we
 """
 
 import hashlib
+import math
 
 import torch
-
-import reweight
 
 
 def unit_range(losses):
@@ -62,10 +62,14 @@ def random(losses, keep):
     1/k each, the rest 0. Same count as MidRanking, no ranking. The choice is seeded by the pool's loss order
     (which sample ranks where), so it is the same on every torchrun rank, on resume and under any
     micro-batching (a last-bit change of a loss leaves the order alone), and a new draw at every step."""
-    n_keep = reweight.midrank_counts(losses.numel(), 0.0, keep)[1]
+    n = losses.numel()
+    n_keep = math.floor(keep * n + 1e-9)  # MidRanking's count at skip=0 (a test holds it to reweight.midrank_counts)
+    if not (0 <= keep <= 1 and n_keep >= 1):
+        raise ValueError(f"random keeps floor({keep} * {n}) = {n_keep} samples of {n}: needs 0 <= keep <= 1 and "
+                         "at least one sample: raise --keep or the batch")
     order = torch.sort(losses, descending=True, stable=True).indices.cpu().numpy()
     seed = int.from_bytes(hashlib.sha256(order.tobytes()).digest()[:8], "little")
-    chosen = torch.randperm(losses.numel(), generator=torch.Generator().manual_seed(seed))[:n_keep]
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_keep]
     w = torch.zeros_like(losses)
     w[chosen.to(losses.device)] = 1.0 / n_keep
     return w

@@ -30,16 +30,27 @@ def gpt2_encoding():
         return tiktoken.get_encoding("gpt2")
     except Exception:
         pass  # no network and no tiktoken cache: build the identical encoding from the vendored ranks
+    raw = gpt2_ranks_text()
+    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in raw.splitlines() if line)}
+    return tiktoken.Encoding(name="gpt2", pat_str=gpt2_pattern(), mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+def gpt2_ranks_text():
+    """The vendored ranks as tiktoken stores them (a base64 token and its rank a line), checked by their sha256."""
     raw = gzip.decompress(GPT2_RANKS.read_bytes())
     if hashlib.sha256(raw).hexdigest() != GPT2_SHA256:
         raise DataError(f"{GPT2_RANKS}: sha256 mismatch, the file is damaged; restore it from git")
-    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in raw.splitlines() if line)}
+    return raw
+
+
+def gpt2_pattern():
+    """GPT-2's pre-tokenizer: the regex that splits a text into the pieces BPE then encodes one by one."""
     try:
-        from tiktoken_ext.openai_public import r50k_pat_str as pat_str
+        from tiktoken_ext.openai_public import r50k_pat_str
+        return r50k_pat_str
     except ImportError:  # tiktoken < 0.8: its pattern before possessive quantifiers (the same splits)
-        pat_str = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-    return tiktoken.Encoding(name="gpt2", pat_str=pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+        return r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 # ---- tokenizers: GPT-2 (tiktoken, above), or transformers.AutoTokenizer (characters, or a checkpoint's own)

@@ -227,3 +227,28 @@ def test_the_files_a_reader_learns_from_keep_their_budgets():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert node.end_lineno - node.lineno < 80, f"{path.name}: {node.name} is over 80 lines"
+
+
+def test_the_projects_modules_import_no_circle():
+    """Files lower in the flow never import higher ones: no circle among the top-level modules' imports (those
+    inside functions too), e.g. reweight.py imports reweight_followup.py, which imports nothing of it."""
+    import ast
+    from pathlib import Path
+    files = {p.stem: p for p in Path(__file__).resolve().parent.parent.glob("*.py")}
+    imports = {}
+    for name, path in files.items():
+        found = set()
+        for n in ast.walk(ast.parse(path.read_text())):
+            found |= {a.name for a in n.names} if isinstance(n, ast.Import) else set()
+            found |= {n.module} if isinstance(n, ast.ImportFrom) and n.module and not n.level else set()
+        imports[name] = {m.split(".")[0] for m in found} & files.keys() - {name}
+    done = set()
+
+    def visit(name, path):  # depth first; a module met again on the current path closes a circle
+        assert name not in path, "import circle: " + " -> ".join([*path[path.index(name):], name])
+        if name not in done:
+            for m in sorted(imports[name]):
+                visit(m, [*path, name])
+            done.add(name)
+    for name in sorted(files):
+        visit(name, [])

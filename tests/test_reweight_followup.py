@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import reweight
 import reweight_followup as fu
 
 LOSSES = [2.0, 3.0, 2.5, 6.0, 3.5, 2.2, 4.0, 2.8]
@@ -64,6 +65,16 @@ def test_random_keeps_k_at_1_over_k_and_is_a_function_of_the_pool():
     assert torch.equal(fu.random(l.double(), 0.5).float(), w)
     with pytest.raises(ValueError, match="keep"):
         fu.random(l, 0.01)  # floor(0.01 * 8) = 0, as for MidRanking
+
+
+@pytest.mark.parametrize("keep", [0.01, 0.1, 0.29, 0.5, 0.7, 1.0])
+def test_random_keeps_midrankings_count(keep):
+    # random counts on its own (it imports nothing of reweight.py): the count must stay MidRanking's at skip=0
+    for n in (1, 7, 8, 100, 333):
+        if math.floor(keep * n + 1e-9) < 1:
+            continue
+        kept = int((fu.random(torch.rand(n), keep) > 0).sum())
+        assert kept == reweight.midrank_counts(n, 0.0, keep)[1] == int((reweight.midrank(torch.rand(n), 0.0, keep) > 0).sum())
 
 
 def test_random_is_uniform_and_blind_to_the_ranking():
