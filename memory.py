@@ -130,19 +130,24 @@ def optimizer_bytes(numels, optim, param_bytes):
 def weight_copy_bytes(model, run, param_bytes, compute_bytes):
     """Autocast casts each Linear's weight and bias to the compute dtype once per forward pass and keeps the copy
     (its cache) until the autocast region ends, after the loss: all of them at once, with or without --grad_ckpt.
-    FSDP gathers the compute-dtype weights itself instead: the root's (embeddings, head) for the whole step and two
-    blocks' at a time (the running one, the prefetched one), plus one block's full float32 gradient before it is
-    reduce-scattered."""
-    if run.fsdp:
-        block = sum(p.numel() for p in model.transformer.h[0].parameters())
-        root = sum(parameters(model)) - block * model.config.n_layer
-        return (root + 2 * block) * compute_bytes + block * 4
-    if run.dtype in ("float32", run.param_dtype):  # no autocast, or nothing for it to cast
-        return 0
-    # the chunked loss casts the head itself, for the loss's forward and again its backward: a transient (loss_bytes)
-    head = model.lm_head if getattr(model, "loss_chunk", 0) else None
+    FSDP gathers the blocks' matmul weights in the compute dtype itself instead, two blocks' at a time (the running
+    one, the prefetched one), plus one block's full float32 gradient before it is reduce-scattered; and everything
+    else (embeddings, norms, the head) in float32 (runtime.shard_or_move), counted as held for the whole step."""
+    head = model.lm_head if getattr(model, "loss_chunk", 0) else None  # the chunked loss casts it itself (loss_bytes)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
-    return sum(t.numel() for m in linears for t in (m.weight, m.bias) if t is not None) * compute_bytes
+    autocast = run.dtype not in ("float32", run.param_dtype)  # no autocast, or nothing for it to cast
+    if run.fsdp:
+        in_blocks = set(model.transformer.h.modules())
+        block = matmul_numel(m for m in model.transformer.h[0].modules() if isinstance(m, torch.nn.Linear))
+        rest = sum(parameters(model)) - block * model.config.n_layer
+        in_root = [m for m in linears if m not in in_blocks]  # opt-350m's projections: autocast's, as on one GPU
+        cast = matmul_numel(in_root) * compute_bytes if autocast else 0
+        return rest * param_bytes + 2 * block * compute_bytes + block * 4 + cast
+    return matmul_numel(linears) * compute_bytes if autocast else 0
+
+
+def matmul_numel(linears):
+    return sum(t.numel() for m in linears for t in (m.weight, m.bias) if t is not None)
 
 
 def loss_bytes(model, run, compute_bytes, chunk):

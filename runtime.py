@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -96,17 +97,27 @@ FSDP_ON_CPU = torch.torch_version.TorchVersion(torch.__version__) >= (2, 7)
 
 
 def shard_or_move(model, device, dtype, fsdp):
-    """FSDP2: every block is a unit whose parameters are gathered just before use and freed after (compute
-    in `dtype`, gradients reduced in float32); otherwise the whole model moves to the device."""
+    """FSDP2 with DDP's numerics (docs/training.md, Precision): each block's matmul weights, its attention and MLP
+    together, are one unit gathered in `dtype`, the very values autocast makes of the float32 weights under DDP, and
+    take their inputs as they come (the float32 residual stream). Everything else, gathered as stored (float32),
+    stays with the root: the token table (its output starts the residual stream), the norms (they compute in
+    float32, from float32 gains) and a tied head; an untied head is a float32 unit of its own, gathered only while the
+    loss runs, whose gradient loss.py sums over chunks in float32. Gradients are reduced in float32. (Gathering the
+    blocks in float32 too would match as well, but autocast's bf16 copies of every block's weights would then live
+    until the backward, unsharded, as under DDP.) Without FSDP the whole model moves to the device."""
     if not fsdp:
         return model.to(device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        fully_shard(block, mp_policy=policy)
-    if not model.config.tie_embeddings:  # an untied head is a unit of its own, gathered only while the loss runs
-        fully_shard(model.lm_head, mp_policy=policy)  # (model.OutputHead: the loss is the head's own forward)
-    return fully_shard(model, mp_policy=policy)  # also moves the shards to the device
+    # (a Linear's output of a 3-D input is a view, which recent torch warns of; Block adds it out of place)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    matmuls = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False)
+    as_stored = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for block in model.transformer.h:  # its norms are the root's
+        fully_shard([block.attn, block.mlp], mp_policy=matmuls)
+    if not model.config.tie_embeddings:  # (model.OutputHead: the loss is the head's own forward)
+        fully_shard(model.lm_head, mp_policy=as_stored)
+    return fully_shard(model, mp_policy=as_stored)  # also moves the shards to the device
 
 
 def compile_and_wrap(model, compile, ddp, device):

@@ -12,8 +12,10 @@ import sys
 import pytest
 import torch
 
+import memory
 import runtime
 import train
+from model import GPT, GPTConfig
 
 ROOT = train.Path(train.__file__).parent
 # method flags; "midrank_one" keeps a single sample of 8, so one rank has nothing to backpropagate
@@ -207,3 +209,85 @@ def test_fsdp_with_a_sharded_untied_head_takes_the_steps_of_one_process(tiny_lla
     res = torchrun(flags + ["--grad_accum", "2", "--out_dir", str(two), "--fsdp"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(one, two, atol=3e-5)
+
+
+
+# GPT-2-like (LayerNorm, learned positions, tied head) and LLaMA-like (RMSNorm, RoPE, SwiGLU, untied head)
+PRECISION_CONFIGS = dict(
+    gpt2=GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32),
+    llama=GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, bias=False,
+                    norm="rmsnorm", pos="rope", mlp="swiglu", mlp_hidden=48, tie_embeddings=False))
+
+PRECISION_SCRIPT = """import sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+import runtime, train
+from model import GPT, Block, GPTConfig
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(1)
+x, y = torch.randint(64, (8, 16)), torch.randint(64, (8, 16))
+own = slice(4 * rank, 4 * rank + 4)  # this rank's half of the 8 samples, as 2 micro-batches of 2
+batches = [(x[own][i:i + 2], y[own][i:i + 2]) for i in (0, 2)]
+ctx, _ = runtime.precision("bfloat16", torch.device("cpu"))
+out = {{}}
+for name, config in {configs}.items():
+    for shard in ("ddp", "fsdp"):
+        torch.manual_seed(0)
+        raw = GPT(config)
+        raw.loss_chunk = 5  # several chunks per sample: the head's gradient is summed over them
+        seen = {{}}  # the dtypes each module computes with: its parameters as gathered; a block's input
+        def record(m, args, prefix):
+            seen.update({{prefix + k: p.dtype for k, p in m.named_parameters(recurse=False)}})
+            if isinstance(m, Block):
+                seen[prefix + "(input)"] = args[0].dtype
+        for prefix, m in raw.named_modules():
+            m.register_forward_pre_hook(lambda m, args, prefix=prefix + ".": record(m, args, prefix.lstrip(".")))
+        model = DDP(raw) if shard == "ddp" else runtime.shard_or_move(raw, torch.device("cpu"), "bfloat16", True)
+        losses, _ = train.forward_backward(model, batches, "irdro", dict(tau=0.5), ctx)
+        grads = {{k: getattr(p.grad, "full_tensor", lambda: p.grad)() for k, p in raw.named_parameters()}}
+        out[name, shard] = dict(losses=losses, grads=grads, seen=seen)
+if rank == 0:
+    torch.save(out, {out!r})
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@needs_fsdp_on_cpu
+def test_ddp_and_fsdp_compute_alike_under_bf16_autocast(tmp_path):
+    """One precision story (docs/training.md, Precision): FSDP gathers the blocks' matmul weights in bf16, the values
+    autocast makes of the float32 weights under DDP, and the rest (embeddings, norms, head) in float32, so that the
+    residual stream stays float32 as under DDP. 2 processes under bf16 autocast then give DDP's per-sample losses and
+    gradients up to float32 rounding, far inside bf16's own error (bf16 and float32 differ here by ~1e-4 in the losses
+    and ~7e-3 in the gradients; the bf16 residual stream FSDP had made it differ from DDP by 4e-4 and 1e-2)."""
+    script, out = tmp_path / "precision.py", tmp_path / "precision.pt"
+    configs = "dict(" + ", ".join(f"{k}={c!r}" for k, c in PRECISION_CONFIGS.items()) + ")"
+    script.write_text(PRECISION_SCRIPT.format(root=str(ROOT), configs=configs, out=str(out)))
+    res = torchrun([], script=str(script))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(out, weights_only=False)
+    for name, config in PRECISION_CONFIGS.items():
+        ddp, fsdp = got[name, "ddp"], got[name, "fsdp"]
+        assert ddp["losses"].dtype == fsdp["losses"].dtype == torch.float32
+        assert (ddp["losses"] - fsdp["losses"]).abs().max() <= 1e-6, name
+        for k, g in ddp["grads"].items():
+            assert (fsdp["grads"][k] - g).norm() <= 1e-5 * g.norm(), (name, k)
+        for k, dtype in fsdp["seen"].items():
+            matmul = (".attn." in k or ".mlp." in k) and "(input)" not in k
+            assert dtype == (torch.bfloat16 if matmul else torch.float32), (name, k)
+            assert ddp["seen"][k] == torch.float32, (name, k)
+        assert_memory_counts_the_gathers(GPT(config), fsdp["seen"])
+
+
+def assert_memory_counts_the_gathers(model, seen):
+    """memory.py's FSDP weight copies are what FSDP gathered, in the dtypes it gathered them in: the root's parameters
+    all step, two blocks' matmul weights at a time and one block's float32 gradient."""
+    numel = {k: p.numel() for k, p in model.named_parameters()}
+    gathered = {k: n * seen[k].itemsize for k, n in numel.items()}
+    matmuls = [k for k in numel if ".attn." in k or ".mlp." in k]
+    block = [k for k in matmuls if k.startswith("transformer.h.0.")]
+    want = (sum(b for k, b in gathered.items() if k not in matmuls) + 2 * sum(gathered[k] for k in block)
+            + 4 * sum(numel[k] for k in block))
+    assert memory.weight_copy_bytes(model, memory.Run(fsdp=True, world=2), 4, 2) == want
