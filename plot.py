@@ -6,11 +6,14 @@ Figures of a training run: what the reweighting did, and what it did to the loss
     python plot.py --loss-hist out/base out/irdro_ct          # per-sample val loss, before / after
 
 Per run dir (train.py's log.jsonl, weights.jsonl, args.json) it writes weights_hist.png,
-loss_vs_weight.png and ess.png beside the run; the runs' loss curves go to one overlaid figure.
+loss_vs_weight.png and ess.png beside the run, and for data prepared with sources (prepare_data.py --source_field,
+or several files) sources.png and sources.csv: each source's share of the weight against its share of the samples.
+The runs' loss curves go to one overlaid figure.
 Weights are shown as w*n throughout, so 1 is ERM's uniform 1/n whatever the batch size.
 """
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -24,6 +27,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 FIGSIZE, DPI = (7, 4), 120  # about 840 x 480 pixels: readable at README width
+MAX_SOURCES = 10  # lines of sources.png: the sources with the most samples, the rest summed as one "other"
 
 
 class PlotError(Exception):
@@ -208,6 +212,58 @@ def plot_ess(run, alpha):
     return save(fig, run["dir"] / "ess.png")
 
 
+def source_shares(run):
+    """Each step's share of the weight per source (the sum of its samples' weights; they sum to 1) and share of the
+    samples (count / n, what ERM's uniform weights give it), from weights.jsonl: -> (steps, weight shares and sample
+    shares, both (steps, sources), the sources' names), or None for a run whose data had no sources."""
+    recs = [r for r in run["weights"] if "source" in r]
+    if not recs:
+        return None
+    k = max(max(r["source"]) for r in recs) + 1
+    data = run["args"].get("data")  # the names, from the data while it is where the run read it
+    meta = Path(data) / "meta.json" if data else None
+    names = (json.loads(meta.read_text()).get("sources") if meta and meta.is_file() else None) or []
+    names = names if len(names) >= k else [f"source {i}" for i in range(k)]
+    weight = np.array([np.bincount(r["source"], weights=r["weight"], minlength=len(names)) for r in recs])
+    seen = np.array([np.bincount(r["source"], minlength=len(names)) / len(r["source"]) for r in recs])
+    return np.array([r["step"] for r in recs]), weight, seen, names
+
+
+def plot_sources(run, alpha):
+    """Where the weight goes, per source: each source's share of a step's weight (solid) against its share of the
+    step's samples (dashed); a source whose solid line runs above its dashed one is favoured by the method. Beside
+    it sources.csv, the means over the steps. A run without sources: nothing."""
+    shares = source_shares(run)
+    if shares is None:
+        return []
+    steps, weight, seen, names = shares
+    mean_w, mean_s = np.nanmean(weight, axis=0), np.nanmean(seen, axis=0)  # a skipped step's NaN weights left out
+    order = np.argsort(-mean_s, kind="stable")
+    shown = order[:MAX_SOURCES] if len(names) <= MAX_SOURCES else order[:MAX_SOURCES - 1]
+    lines = [(names[i], weight[:, i], seen[:, i]) for i in shown]
+    if len(shown) < len(names):
+        rest = order[len(shown):]
+        lines.append((f"other ({len(rest)} sources)", weight[:, rest].sum(1), seen[:, rest].sum(1)))
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for i, (name, w, s) in enumerate(lines):
+        ax.plot(steps, ema(w, alpha), color=f"C{i}", lw=1.6,
+                label=f"{name}: weight {np.nanmean(w):.3f}, samples {np.nanmean(s):.3f}")
+        ax.plot(steps, ema(s, alpha), color=f"C{i}", lw=1, ls="--", label=f"_{name}: samples")  # _: not in the legend
+    ax.plot([], [], color="grey", lw=1, ls="--", label="dashed: share of the samples")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"share of the step (EMA {alpha:g})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{run['label']}: share of the weight per source (mean over steps in the legend)", fontsize=10)
+    figure, table = save(fig, run["dir"] / "sources.png"), run["dir"] / "sources.csv"
+    with open(table, "w", newline="") as f:  # weight_x_n: how much a sample of the source weighs, 1 = uniform
+        csv.writer(f).writerows([("source", "weight_share", "sample_share", "weight_x_n")] + [
+            (name, f"{w:.6f}", f"{s:.6f}", f"{w / s:.4f}" if s else "") for name, w, s in zip(names, mean_w, mean_s)])
+    print(table)
+    return [figure, table]
+
+
 def plot_loss_curves(runs, path, alpha):
     """All runs overlaid. Train loss is the plain batch mean (the same quantity for every method,
     unlike the weighted loss each one descends), smoothed, with the raw curve faint."""
@@ -334,6 +390,7 @@ def main(argv=None):
         ckpts = find_checkpoints(args.loss_hist or [])
         for run in runs:
             written += [plot_weight_hist(run), plot_loss_vs_weight(run, args.steps), plot_ess(run, args.smooth)]
+            written += plot_sources(run, args.smooth)  # data prepared with sources only
         if runs:
             written.append(plot_loss_curves(runs, args.compare or default_compare_path(args.runs), args.smooth))
         if args.loss_hist:

@@ -14,7 +14,9 @@ Output, in <out_dir>:
     {train,val}.bin       every document of the split as [bos] + tokens, concatenated (numpy tofile; uint16, or
                           uint32 for a vocabulary over 65536 such as Llama-3's)
     {train,val}_docs.npz  offsets (ndocs+1,) int64: doc i = tokens[offsets[i]:offsets[i+1]];
-                          ids (ndocs,) int64: the doc's index in the source dataset
+                          ids (ndocs,) int64: the doc's index in the source dataset; sources (ndocs,) int64, only
+                          with --source_field or several files: the doc's source (web, code...), an index into
+                          meta.json's "sources" (see sources.py)
     titles.json           source records' "title" field, indexed by source id (only if the records have one)
     meta.json             tokenizer, counts and flags; written last, so a dir without it is unfinished
 The split is by document (not by token), so a document's loss can be followed through training.
@@ -26,7 +28,6 @@ import argparse
 import codecs
 import errno
 import functools
-import glob
 import gzip
 import inspect
 import itertools
@@ -41,43 +42,19 @@ from pathlib import Path
 
 import numpy as np
 
+import sources  # the files a --dataset names, and where each document came from
+from sources import kind, local_files
 from tokenization import DataError, DocTokenizer, load_tokenizer  # the tokenizers: tokenization.py
 
 REPO = Path(__file__).parent
 EMBEDDED_CORPUS = REPO / "assets" / "shakespeare.jsonl.gz"  # 8 plays cut into scenes, see assets/NOTICE.md
 DEFAULT_DATA_DIR = REPO / "data" / "shakespeare-char"  # train.py's default: characters, fast on a CPU
 BUILT_IN = {DEFAULT_DATA_DIR: "char", REPO / "data" / "shakespeare": "gpt2"}  # prepared on first use
-# local file types and the datasets builder for each; datasets decompresses .gz itself (parquet is compressed inside)
-BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-            ".txt.gz": "text", ".md.gz": "text", ".json.gz": "json", ".jsonl.gz": "json"}
 
 
 def token_dtype(vocab_size):
     # 2 bytes a token while every id fits, which halves disk and memory; bigger vocabularies need 4
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def local_files(dataset):
-    """The files a local --dataset names (file, folder or glob), and the datasets builder that reads them."""
-    if any(c in dataset for c in "*?["):
-        files = sorted(glob.glob(os.path.expanduser(dataset), recursive=True))
-    elif Path(dataset).expanduser().is_dir():
-        files = sorted(str(p) for p in Path(dataset).expanduser().rglob("*") if p.is_file() and kind(p))
-    else:
-        files = [os.path.expanduser(dataset)] if Path(dataset).expanduser().is_file() else []
-    if not files:
-        raise DataError(f"no such file, folder or matching files: {dataset!r}; check the path")
-    kinds = {kind(f) for f in files}
-    if None in kinds:
-        bad = next(f for f in files if kind(f) is None)
-        raise DataError(f"unknown file type {bad!r}; use .txt, .json, .jsonl (optionally .gz) or .parquet")
-    if len(kinds) > 1:
-        raise DataError(f"{dataset!r} mixes file types {sorted(kinds)}; point --dataset at one kind")
-    return files, kinds.pop()
-
-
-def kind(path):
-    return next((b for ext, b in BUILDERS.items() if str(path).lower().endswith(ext)), None)
 
 
 def looks_local(dataset):
@@ -122,8 +99,8 @@ def read_jsonl_gz(path):
         return [json.loads(line) for line in f]
 
 
-def load_texts(dataset, text_field, split, sample_by, max_docs, records=False):
-    """Source records -> (texts, titles or None); position in the lists is the document's source id.
+def load_texts(dataset, text_field, split, sample_by, max_docs, records=False, source_field=None):
+    """Source records -> (texts, titles or None, source labels or None); a document's source id is its position.
     records=True: the records themselves (a list of dicts) instead, for --format instruct."""
     if dataset is None and records:
         import instruct
@@ -132,7 +109,8 @@ def load_texts(dataset, text_field, split, sample_by, max_docs, records=False):
     if dataset is None:
         # our own jsonl.gz: read it directly, so the default path needs neither datasets nor its cache
         records = read_jsonl_gz(EMBEDDED_CORPUS)[:max_docs]
-        return pick(list(records[0]), lambda k: [r.get(k) for r in records], text_field, "embedded:shakespeare")
+        return pick(list(records[0]), lambda k: [r.get(k) for r in records], text_field, "embedded:shakespeare",
+                    source_field)
     saved = Path(dataset).expanduser()
     saved = saved if (saved / "state.json").is_file() or (saved / "dataset_dict.json").is_file() else None
     files, builder = local_files(dataset) if looks_local(dataset) and not saved else (None, None)  # bad paths fail fast
@@ -144,14 +122,14 @@ def load_texts(dataset, text_field, split, sample_by, max_docs, records=False):
             if split not in ds:
                 raise DataError(f"{dataset!r} has splits {sorted(ds)}, not {split!r}: pass --split with one of them")
             ds = ds[split]
-        return pick_ds(ds, text_field, max_docs, dataset, records)
+        return pick_ds(ds, text_field, max_docs, dataset, records, source_field)
     if files is None:
         try:
             ds = datasets.load_dataset(dataset, split=split)
         except Exception as e:
             raise DataError(f"could not load hub dataset {dataset!r} split {split!r} ({type(e).__name__}: {e}); "
                             "offline, pass a local file or folder instead") from e
-        return pick_ds(ds, text_field, max_docs, dataset, records)
+        return pick_ds(ds, text_field, max_docs, dataset, records, source_field)
     kw = {"sample_by": sample_by} if builder == "text" else {}
     # quiet (a failure comes back to us as one exception); a throwaway cache, as a local file can change
     # under the same name, and nothing piles up in ~/.cache
@@ -159,9 +137,9 @@ def load_texts(dataset, text_field, split, sample_by, max_docs, records=False):
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory() as cache:
         try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **kw)
+            ds = sources.load_files(datasets, builder, files, cache_dir=cache, **kw)  # several: labelled by file
             # copies the columns out before the cache goes; json's strings are decoded only here
-            return pick_ds(ds, text_field, max_docs, dataset, records)
+            return pick_ds(ds, text_field, max_docs, dataset, records, source_field)
         except DataError:
             raise
         except Exception as e:
@@ -172,19 +150,20 @@ def load_texts(dataset, text_field, split, sample_by, max_docs, records=False):
             raise DataError(f"could not read {dataset!r} as {builder}: {why}") from e
 
 
-def pick_ds(ds, text_field, max_docs, dataset, records=False):
+def pick_ds(ds, text_field, max_docs, dataset, records=False, source_field=None):
     if max_docs is not None:
         ds = ds.select(range(min(max_docs, len(ds))))
     if records:
         return ds.to_list()
-    return pick(ds.column_names, lambda k: list(ds[k]), text_field, dataset)
+    return pick(ds.column_names, lambda k: list(ds[k]), text_field, dataset, source_field)
 
 
-def pick(fields, column, text_field, dataset):
+def pick(fields, column, text_field, dataset, source_field=None):
     if text_field not in fields:
         raise DataError(f"text_field {text_field!r} is not in the records of {dataset!r} (fields: {fields}); "
                         "pass --text_field with one of them")
-    return column(text_field), (column("title") if "title" in fields else None)
+    return column(text_field), (column("title") if "title" in fields else None), sources.labels(fields, column,
+                                                                                                source_field, dataset)
 
 
 def default_name(dataset):
@@ -192,8 +171,7 @@ def default_name(dataset):
     if dataset is None:
         return "shakespeare"
     name = Path(re.split(r"[*?[]", dataset)[0] or ".").name
-    ext = next((ext for ext in BUILDERS if name.lower().endswith(ext)), "")
-    return name[:len(name) - len(ext)] or "corpus"
+    return sources.stem(name) or "corpus"
 
 
 def stage(path, write, staged):
@@ -204,9 +182,9 @@ def stage(path, write, staged):
 
 
 def write_npz(path, **arrays):
-    # np.savez stamps the current time into the zip; a fixed date keeps reruns byte-identical
+    # np.savez stamps the current time into the zip; a fixed date keeps reruns byte-identical. An array None is left out
     with zipfile.ZipFile(path, "w") as zf:
-        for name, a in arrays.items():
+        for name, a in ((name, a) for name, a in arrays.items() if a is not None):
             with zf.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
 
@@ -220,15 +198,15 @@ def split_by_document(ids, val_fraction, seed, what, fix):
     return sorted(ids[j] for j in perm[n_val:]), sorted(ids[j] for j in perm[:n_val])
 
 
-def write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks, staged):
+def write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks, doc_sources, staged):
     """{split}.bin, {split}_docs.npz (and {split}_mask.bin for instruction data), staged; counts go into meta."""
     for name, ids in (("train", train_ids), ("val", val_ids)):
         docs = [np.array(tokens[i], dtype=dtype) for i in ids]
         offsets = np.zeros(len(docs) + 1, dtype=np.int64)
         np.cumsum([len(d) for d in docs], out=offsets[1:])
         stage(out_dir / f"{name}.bin", lambda p: np.concatenate(docs).tofile(p), staged)
-        stage(out_dir / f"{name}_docs.npz", lambda p: write_npz(p, offsets=offsets, ids=np.array(ids, dtype=np.int64)),
-              staged)
+        stage(out_dir / f"{name}_docs.npz", lambda p: write_npz(p, offsets=offsets, ids=np.array(ids, dtype=np.int64),
+              sources=None if doc_sources is None else doc_sources[ids]), staged)
         meta[name] = {"docs": len(docs), "tokens": int(offsets[-1])}
         if masks is not None:
             stage(out_dir / f"{name}_mask.bin",
@@ -237,10 +215,12 @@ def write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks, staged
 
 
 def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, seed=1337, split="train",
-            sample_by="document", max_docs=None, tokenizer="gpt2", format="text", max_len=512, chat_template=False):
+            sample_by="document", max_docs=None, tokenizer="gpt2", format="text", max_len=512, chat_template=False,
+            source_field=None):
     """Tokenize a corpus into out_dir (see the top of this file); returns out_dir.
     tokenizer: "gpt2", a checkpoint folder or hub name (see load_tokenizer), or a DocTokenizer.
-    format: "text" (documents) or "instruct" (instruction/response examples, see instruct.py)."""
+    format: "text" (documents) or "instruct" (instruction/response examples, see instruct.py).
+    source_field: the record field naming each document's source; None: with several files, the file (sources.py)."""
     if format not in ("text", "instruct"):
         raise DataError(f"format must be text or instruct, got {format!r}")
     if not 0 < val_fraction < 1:
@@ -262,9 +242,11 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
 
         records = load_texts(dataset, None, split, "document", max_docs, records=True)
         info, tokens, masks, titles = instruct.documents(records, dataset, tok, max_len, chat_template)
+        labels = sources.record_labels(records, source_field, dataset)
         what, fix = "usable example(s)", "more examples"
     else:
-        info, tokens, masks, titles = text_documents(dataset, text_field, split, sample_by, max_docs, tok)
+        info, tokens, masks, titles, labels = text_documents(dataset, text_field, split, sample_by, max_docs, tok,
+                                                             source_field)
         what, fix = "non-empty document(s)", "a corpus with more documents (or --sample_by paragraph for one text file)"
     train_ids, val_ids = split_by_document(sorted(tokens), val_fraction, seed, what, fix)
     top = max(max(ids) for ids in tokens.values())
@@ -273,15 +255,16 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
+    names, doc_sources = sources.index(labels)  # each source id's index into the names, or None: no sources
     meta = {"tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
             "tokenizer_source": tok.source,  # where train.py's export loads it again
             "bos": tok.bos, "eot": tok.eos, "dtype": dtype.name, **info, "val_fraction": val_fraction, "seed": seed,
-            "max_docs": max_docs}
+            "max_docs": max_docs, "source_field": source_field, "sources": names}
     # every file is written under a temporary name first: a folder prepared before stays whole until the new one is
     # complete, and an interrupted run (Ctrl-C, a full disk) leaves no partial file behind
     staged = []
     try:
-        write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks, staged)
+        write_splits(out_dir, meta, tokens, dtype, train_ids, val_ids, masks, doc_sources, staged)
         if titles is not None:
             titles = ["" if t is None else str(t) for t in titles]
             stage(out_dir / "titles.json", lambda p: p.write_text(json.dumps(titles) + "\n"), staged)
@@ -305,6 +288,10 @@ def prepare(dataset=None, out_dir=None, text_field="text", val_fraction=0.1, see
         print(f"  truncated {meta['truncated']:,d} examples to --max_len {max_len}, dropped {meta['dropped']:,d}")
     elif meta["empty_docs_dropped"]:
         print(f"  dropped {meta['empty_docs_dropped']:,d} empty docs")
+    if names:  # the documents kept of each source, both splits
+        counts = np.bincount(doc_sources[sorted(tokens)], minlength=len(names))
+        print(f"  {len(names)} sources: " + ", ".join(f"{name} {c:,d} {unit}" for name, c in zip(names[:10], counts))
+              + ", ..." * (len(names) > 10))
     return out_dir
 
 
@@ -330,9 +317,10 @@ def ensure_prepared(data_dir, processes=1):
 
 
 def read_split(data_dir, split):
-    """A prepared split, checked: (meta, tokens, document offsets, source ids, target mask or None). Every file must
-    be there and agree with the others, so that a folder damaged after it was written (a file cut short, lost, or
-    copied from another preparation) is one line at load time, not an index error hundreds of steps into training."""
+    """A prepared split, checked: (meta, tokens, document offsets, source ids, target mask or None, document sources
+    or None: indices into meta["sources"]). Every file must be there and agree with the others, so that a folder
+    damaged after it was written (a file cut short, lost, or copied from another preparation) is one line at load
+    time, not an index error hundreds of steps into training."""
     try:
         meta = json.loads((data_dir / "meta.json").read_text())
     except ValueError as e:  # not JSON (or not UTF-8): no command to repeat can be read from it
@@ -350,7 +338,7 @@ def read_split(data_dir, split):
     tokens, mask = mapped(bins, dtype), mapped(masks[0], np.uint8) if masks else None
     try:
         with np.load(npz) as docs:
-            offsets, ids = docs["offsets"], docs["ids"]
+            offsets, ids, doc_sources = docs["offsets"], docs["ids"], docs.get("sources")  # sources: not always
     except Exception as e:  # not a zip, cut short, arrays missing
         raise DataError(f"{npz} is damaged ({type(e).__name__}: {e}): {again}") from None
     if len(offsets) != len(ids) + 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
@@ -361,7 +349,8 @@ def read_split(data_dir, split):
                         f"{offsets[-1]} (cut short, or from another preparation): {again}")
     if mask is not None and len(mask) != len(tokens):
         raise DataError(f"{masks[0]} has {len(mask)} entries for the {len(tokens)} tokens of {bins.name}: {again}")
-    return meta, tokens, offsets, ids, mask
+    sources.check(meta.get("sources"), doc_sources, len(ids), npz, again)
+    return meta, tokens, offsets, ids, mask, doc_sources
 
 
 def mapped(path, dtype):
@@ -377,23 +366,23 @@ def prepare_command(meta, out_dir):
                  tokenizer=meta.get("tokenizer_source") or meta.get("tokenizer"), text_field=meta.get("text_field"),
                  sample_by=meta.get("sample_by"), max_docs=meta.get("max_docs"), max_len=meta.get("max_len"),
                  val_fraction=meta.get("val_fraction"), seed=meta.get("seed"),
-                 chat_template=meta.get("template") == "chat_template")
+                 chat_template=meta.get("template") == "chat_template", source_field=meta.get("source_field"))
     defaults = {k: p.default for k, p in inspect.signature(prepare).parameters.items()}
     flags = [f"--{k}" if v is True else f"--{k} {shlex.quote(str(v))}" for k, v in given.items()
              if v is not None and v != defaults[k]]
     return " ".join(["python prepare_data.py", *flags, "--out_dir", shlex.quote(str(out_dir))])
 
 
-def text_documents(dataset, text_field, split, sample_by, max_docs, tok):
-    """Source documents -> (meta entries, {source id: [bos] + tokens}, no masks, titles or None)."""
-    texts, titles = load_texts(dataset, text_field, split, sample_by, max_docs)
+def text_documents(dataset, text_field, split, sample_by, max_docs, tok, source_field=None):
+    """Source documents -> (meta entries, {source id: [bos] + tokens}, no masks, titles or None, labels or None)."""
+    texts, titles, labels = load_texts(dataset, text_field, split, sample_by, max_docs, source_field=source_field)
     # empty documents would be a lone bos token: nothing to learn from, so drop them (and count them)
     keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
     # each document as [bos] + tokens (GPT-2: <|endoftext|>); the bos makes the first real token a target too
     tokens = dict(zip(keep, tok.encode_batch([texts[i] for i in keep]))) if keep else {}
     info = {"source": "embedded:shakespeare" if dataset is None else dataset, "text_field": text_field,
             "sample_by": sample_by, "source_docs": len(texts), "empty_docs_dropped": len(texts) - len(keep)}
-    return info, tokens, None, titles
+    return info, tokens, None, titles, labels
 
 
 def main(argv=None):
@@ -403,6 +392,8 @@ def main(argv=None):
                    "(.gz ok except parquet), folder, glob or save_to_disk folder; None: the embedded Shakespeare")
     p.add_argument("--out_dir", default=None, help="where to write; None means data/<dataset name>")
     p.add_argument("--text_field", default="text", help="record field holding the document text")
+    p.add_argument("--source_field", default=None, help="record field naming each document's source (web, code...), "
+                   "for plot.py's weight share per source; None: with several files, the file each came from")
     p.add_argument("--sample_by", default="document", choices=["document", "paragraph", "line"], help="text files: a doc is")
     p.add_argument("--split", default="train", help="hub dataset split to read (local files have only train)")
     p.add_argument("--max_docs", type=int, default=None, help="use only the first N source documents; None means all")

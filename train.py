@@ -43,7 +43,7 @@ def load_split(data_dir, split, block_size):
     consecutive chunks of at most block_size targets, so no sample crosses a document boundary.
     Instruction data (prepare_data.py --format instruct): one example is one sample, never chunked, so each
     must fit block_size; its mask (1 = target) keeps the prompt out of the loss."""
-    meta, tokens, offsets, ids, mask = prepare_data.read_split(data_dir, split)  # its files checked against each other
+    meta, tokens, offsets, ids, mask, sources = prepare_data.read_split(data_dir, split)  # files checked together
     n_targets = np.maximum(np.diff(offsets) - 1, 0)
     if mask is not None and len(ids) and n_targets.max() > block_size:  # the examples' lengths, not the --max_len cap
         i = n_targets.argmax()
@@ -55,7 +55,8 @@ def load_split(data_dir, split, block_size):
     chunk = np.arange(len(doc)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
     start = offsets[doc] + chunk * block_size
     end = np.minimum(start + block_size + 1, offsets[doc + 1])  # tokens [start, end) of the sample
-    return dict(tokens=tokens, start=start, end=end, doc=ids[doc], meta=meta, mask=mask)
+    return dict(tokens=tokens, start=start, end=end, doc=ids[doc], meta=meta, mask=mask,
+                source=None if sources is None else sources[doc])  # index into meta["sources"] (several sources)
 
 
 def get_batch(data, samples, block_size, device):
@@ -383,7 +384,8 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
         n_tokens = int((train_data["end"][samples] - train_data["start"][samples] - 1).sum())  # targets, all ranks
         tail = progress.update(record, step, dt, n_tokens, int((w > 0).sum()))  # MFU: the samples trained on
         log.record(record, runtime.step_line(record, args.max_iters, n, tail))
-        log.weights(dict(step=step, loss=losses.tolist(), weight=w.tolist(), doc=docs.tolist()))
+        source = {} if train_data.get("source") is None else dict(source=train_data["source"][samples].tolist())
+        log.weights(dict(step=step, loss=losses.tolist(), weight=w.tolist(), doc=docs.tolist(), **source))
         step += 1
     stop.restore()
     return val_loss, stop.signum

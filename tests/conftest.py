@@ -27,6 +27,20 @@ def tiny_data(tmp_path_factory):
     return prepare_data.prepare(dataset=str(tmp / "docs.jsonl"), out_dir=tmp / "data", val_fraction=0.2)
 
 
+@pytest.fixture(scope="session")
+def tiny_sources_data(tmp_path_factory):
+    """40 documents from two files, web.jsonl (26) and code.jsonl (14): prepared as two sources (sources.py)."""
+    tmp = tmp_path_factory.mktemp("tiny_sources")
+    rng = random.Random(1)
+    (tmp / "in").mkdir()
+    for name, n_docs, words in (("web", 26, "the king queen lord love night day sword crown".split()),
+                                ("code", 14, "def return if else for in x y = ( ) : 0 1".split())):
+        with open(tmp / "in" / f"{name}.jsonl", "w") as f:
+            for _ in range(n_docs):
+                f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 80)))}) + "\n")
+    return prepare_data.prepare(dataset=str(tmp / "in"), out_dir=tmp / "data", val_fraction=0.2)
+
+
 @pytest.fixture
 def tiny_flags(tiny_data):
     """train.py flags for a fast CPU run on the tiny corpus (add --out_dir, --method, ...)."""

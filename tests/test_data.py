@@ -250,7 +250,7 @@ def run_cli(*args, cwd):
 
 
 @pytest.mark.parametrize("case", ["missing", "field", "too_few", "val_fraction", "extension", "empty", "bad_json",
-                                  "latin1_text", "latin1_json"])
+                                  "latin1_text", "latin1_json", "source_field"])
 def test_bad_input(tmp_path, case):
     src = write_jsonl(tmp_path / "d.jsonl", DOCS)
     one = write_jsonl(tmp_path / "one.jsonl", DOCS[:1])
@@ -266,6 +266,7 @@ def test_bad_input(tmp_path, case):
             "latin1_text": ["--dataset", str(tmp_path / "latin1.txt"), "--sample_by", "paragraph"],
             "latin1_json": ["--dataset", str(tmp_path / "latin1.jsonl")],
             "field": ["--dataset", str(src), "--text_field", "body"],
+            "source_field": ["--dataset", str(src), "--source_field", "lang"],
             "too_few": ["--dataset", str(one)],
             "val_fraction": ["--dataset", str(src), "--val_fraction", "1.5"],
             "extension": ["--dataset", str(tmp_path / "d.csv")]}[case]
@@ -276,6 +277,8 @@ def test_bad_input(tmp_path, case):
     assert not (tmp_path / "out" / "meta.json").exists()
     if case == "field":
         assert "'body'" in lines[0] and "--text_field" in lines[0]
+    if case == "source_field":
+        assert "source_field 'lang' is not in the records" in lines[0] and "['text', 'title']" in lines[0]
     if case == "empty":
         assert "no records" in lines[0]
     if case == "bad_json":  # the file's own line number (datasets reports "row 1", counted within a block)
@@ -295,6 +298,83 @@ def test_not_utf8_counts_bytes_across_blocks(tmp_path):
     assert "at byte 3 (0xc3)" in prepare_data.not_utf8([str(tmp_path / "b.txt")], 2)
     (tmp_path / "c.txt").write_bytes("all \u00e9 fine".encode())
     assert prepare_data.not_utf8([str(tmp_path / "c.txt")], 2) is None
+
+
+# ---- sources: where each document came from (sources.py)
+
+
+def sources_of(out_dir):
+    """{source id: the name of its source} over both splits, read back through read_split."""
+    found = {}
+    for split in ("train", "val"):
+        meta, _, _, ids, _, doc_sources = prepare_data.read_split(out_dir, split)
+        found.update({int(i): meta["sources"][s] for i, s in zip(ids, doc_sources)})
+    return found
+
+
+def test_several_files_are_a_source_each_and_one_file_is_none(tmp_path):
+    code = [{"text": f"def f{i}(): return {i}", "title": f"f{i}"} for i in range(3)]  # the columns of DOCS
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "code.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in code).encode()))
+    write_jsonl(tmp_path / "in" / "web.jsonl", DOCS[:5])
+    out = prepare_data.prepare(str(tmp_path / "in"), out_dir=tmp_path / "out", val_fraction=0.3)
+    # the files in order (code, then web): source ids 0-2 are code's records, 3-7 web's (5, an empty one, dropped)
+    assert json.loads((out / "meta.json").read_text())["sources"] == ["code", "web"]
+    assert sources_of(out) == {0: "code", 1: "code", 2: "code", 3: "web", 4: "web", 6: "web", 7: "web"}
+    assert decoded_docs(out) == {**{i: r["text"] for i, r in enumerate(code)},
+                                 **{3 + i: d["text"] for i, d in enumerate(DOCS[:5]) if i != 2}}
+    # a source is a sub-folder of the files' common folder, however many files it holds
+    for part, docs in (("web/a", DOCS[:3]), ("web/b", DOCS[3:6]), ("books", DOCS[6:])):
+        (tmp_path / "nested" / part).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / "nested" / f"{part}.jsonl", docs)
+    out = prepare_data.prepare(str(tmp_path / "nested"), out_dir=tmp_path / "nested_out", val_fraction=0.3)
+    assert sources_of(out) == {0: "books", 1: "books", 2: "web", 3: "web", 5: "web", 6: "web", 7: "web"}
+    # one file: no sources, and read_split says so
+    out = prepare_data.prepare(str(tmp_path / "in" / "web.jsonl"), out_dir=tmp_path / "one", val_fraction=0.3)
+    assert json.loads((out / "meta.json").read_text())["sources"] is None
+    assert prepare_data.read_split(out, "train")[5] is None and "sources" not in np.load(out / "train_docs.npz")
+
+
+def test_a_record_field_names_the_source(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", [dict(d, lang=["en", "fr", None][i % 3]) for i, d in enumerate(DOCS)])
+    r = run_cli("--dataset", str(src), "--source_field", "lang", "--out_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "3 sources: (none) 1 docs, en 3 docs, fr 3 docs" in r.stdout
+    out = tmp_path / "out"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["sources"] == ["(none)", "en", "fr"] and meta["source_field"] == "lang"
+    assert sources_of(out) == {i: ["en", "fr", "(none)"][i % 3] for i in range(len(DOCS)) if i != 2}
+    assert "--source_field lang" in prepare_data.prepare_command(meta, out)
+    # the field wins over the files; and instruction data has sources too
+    write_jsonl(tmp_path / "more.jsonl", [dict(d, lang="de") for d in DOCS])
+    out = prepare_data.prepare(str(tmp_path / "*.jsonl"), out_dir=tmp_path / "glob", source_field="lang")
+    assert set(sources_of(out).values()) == {"de", "en", "fr", "(none)"}
+    examples = [{"instruction": f"Say {i}.", "output": f"{i}", "lang": ["en", "fr"][i % 2]} for i in range(6)]
+    out = prepare_data.prepare(str(write_jsonl(tmp_path / "ex.jsonl", examples)), out_dir=tmp_path / "instruct",
+                               format="instruct", source_field="lang")
+    assert sources_of(out) == {i: ["en", "fr"][i % 2] for i in range(6)}
+
+
+@pytest.mark.parametrize("how, problem", [
+    ("cut short", "is damaged (its sources are not one of the 2 sources meta.json names for each of its 3 documents)"),
+    ("out of range", "is damaged (its sources are not one of the 2 sources"),
+    ("lost", "has no sources for the 2 sources meta.json names (from another preparation?)"),
+])
+def test_a_damaged_sources_array_is_one_line_naming_the_command_that_writes_it_again(how, problem, tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", [dict(d, lang=["en", "fr"][i % 2]) for i, d in enumerate(DOCS)])
+    out = prepare_data.prepare(str(src), out_dir=tmp_path / "out", val_fraction=0.4, source_field="lang")
+    with np.load(out / "val_docs.npz") as docs:
+        offsets, ids, doc_sources = docs["offsets"], docs["ids"], docs["sources"]
+    assert len(ids) == 3
+    damaged = {"cut short": doc_sources[:-1], "out of range": doc_sources + 2, "lost": None}[how]
+    prepare_data.write_npz(out / "val_docs.npz", offsets=offsets, ids=ids, sources=damaged)
+    prepare_data.read_split(out, "train")  # the other split is whole
+    with pytest.raises(prepare_data.DataError) as e:
+        prepare_data.read_split(out, "val")
+    message = str(e.value)
+    assert message.startswith(f"{out / 'val_docs.npz'} {problem}") and "\n" not in message, message
+    assert message.endswith(f"prepare it again with python prepare_data.py --dataset {src} --val_fraction 0.4 "
+                            f"--source_field lang --out_dir {out}")
 
 
 # ---- a prepared folder damaged later: one line at load time, naming the file and the command that writes it again

@@ -1,5 +1,7 @@
 """plot.py: every figure is written, is a real non-blank image, and bad input fails in one line."""
 
+import csv
+import json
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -53,6 +55,64 @@ def test_run_figures_and_overlaid_loss_curves(runs, tmp_path, capsys):
     for path in expected:
         assert_real_image(path)
     assert plot.pick_steps(plot.load_run(runs[0])["weights"], [0, 99])[-1]["step"] == 3
+
+
+def test_sources_figure_plots_each_sources_share_of_the_weight(tiny_flags, tiny_sources_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train.main(tiny_flags + ["--data", str(tiny_sources_data), "--out_dir", str(run), "--method", "irdro", "--tau",
+                             "0.2", "--max_iters", "5", "--batch_size", "4", "--grad_accum", "2"])
+    figures = keep_figures(monkeypatch)
+    written = plot.main([str(run), "--smooth", "0"])  # no smoothing: the lines are the per-step shares themselves
+    assert run / "sources.png" in written and run / "sources.csv" in written
+    assert_real_image(run / "sources.png")
+    # the shares computed here, independently, from weights.jsonl: source s's share of a step's weight is the sum
+    # of its samples' weights; its share of the samples is their count / n
+    records = [json.loads(line) for line in (run / "weights.jsonl").read_text().splitlines()]
+    names = json.loads((tiny_sources_data / "meta.json").read_text())["sources"]
+    assert names == ["code", "web"]
+    lines = {line.get_label().split(":")[0]: line.get_ydata() for line in figures["sources.png"].axes[0].get_lines()}
+    table = {row["source"]: row for row in csv.DictReader(open(run / "sources.csv"))}
+    for s, name in enumerate(names):
+        weight = [sum(w for w, src in zip(r["weight"], r["source"]) if src == s) for r in records]
+        samples = [r["source"].count(s) / len(r["source"]) for r in records]
+        assert np.allclose(lines[name], weight) and np.allclose(lines["_" + name], samples)
+        assert float(table[name]["weight_share"]) == pytest.approx(np.mean(weight), abs=1e-6)
+        assert float(table[name]["sample_share"]) == pytest.approx(np.mean(samples), abs=1e-6)
+    assert sum(float(row["weight_share"]) for row in table.values()) == pytest.approx(1, abs=1e-5)
+    # the data folder gone: the sources keep their indices as names
+    shares = plot.source_shares(dict(plot.load_run(run), args={"data": str(tmp_path / "gone")}))
+    assert shares[3] == ["source 0", "source 1"] and np.allclose(shares[1].sum(1), 1)
+
+
+def keep_figures(monkeypatch):
+    """{file name: figure} of every figure plot.py saves from now on."""
+    figures, save = {}, plot.save
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return save(fig, path)
+    monkeypatch.setattr(plot, "save", keep)
+    return figures
+
+
+def test_more_sources_than_lines_sum_the_rest_as_other(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)  # 12 sources in 3 steps of 78 samples: source s holds s + 1 of each step's
+    steps = [dict(step=k, source=rng.permutation(np.repeat(np.arange(12), np.arange(1, 13))).tolist(),
+                  weight=rng.dirichlet(np.ones(78)).tolist()) for k in range(3)]
+    figures = keep_figures(monkeypatch)
+    plot.plot_sources(dict(dir=tmp_path, weights=steps, args={}, label="synthetic"), 0)
+    ax = figures["sources.png"].axes[0]
+    legend = [t.get_text().split(":")[0] for t in ax.get_legend().get_texts()]
+    assert legend == [f"source {s}" for s in range(11, 2, -1)] + ["other (3 sources)", "dashed"]  # most samples first
+    lines = {line.get_label().split(":")[0]: line.get_ydata() for line in ax.get_lines()}
+    rest = [sum(w for w, s in zip(r["weight"], r["source"]) if s < 3) for r in steps]
+    assert np.allclose(lines["other (3 sources)"], rest) and np.allclose(lines["_other (3 sources)"], 6 / 78)
+    assert len(list(csv.DictReader(open(tmp_path / "sources.csv")))) == 12  # the table has them all
+
+
+def test_runs_without_sources_have_no_sources_figure(runs):
+    assert plot.source_shares(plot.load_run(runs[0])) is None and plot.plot_sources(plot.load_run(runs[0]), 0.9) == []
+    assert not (runs[0] / "sources.png").exists()
 
 
 def test_default_compare_path():

@@ -327,9 +327,30 @@ def test_weights_jsonl_irdro_is_softmax_of_the_logged_losses(tiny_flags, tmp_pat
         assert len(l) == len(r["weight"]) == len(r["doc"]) == 12
         assert np.allclose(r["weight"], e / e.sum(), rtol=1e-5)
         assert set(r["doc"]) <= train_ids
+        assert "source" not in r  # one file, no --source_field: data without sources
     for r, w in zip((r for r in read_jsonl(tmp_path / "irdro" / "log.jsonl") if r["type"] == "train"), records):
         assert r["ess"] == pytest.approx(1 / (np.array(w["weight"]) ** 2).sum())  # effective sample size
         assert 1 < r["ess"] < 12
+
+
+def test_weights_jsonl_names_the_source_of_every_sample(tiny_flags, tiny_sources_data, tmp_path):
+    flags = tiny_flags + ["--data", str(tiny_sources_data)]  # the later --data wins
+    run(flags, tmp_path, "src", "--method", "irdro", "--tau", "0.5", "--max_iters", "4", "--batch_size", "4",
+        "--grad_accum", "2")
+    docs = np.load(tiny_sources_data / "train_docs.npz")
+    source_of = dict(zip(docs["ids"].tolist(), docs["sources"].tolist()))  # a document's source, as prepared
+    records = read_jsonl(tmp_path / "src" / "weights.jsonl")
+    for r in records:
+        assert len(r["source"]) == len(r["doc"]) == len(r["weight"]) == 8
+        assert r["source"] == [source_of[d] for d in r["doc"]]
+    assert {s for r in records for s in r["source"]} == {0, 1}  # code and web, both seen in 32 samples
+    # a damaged sources array: one line, exit 2, before any training
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_sources_data, damaged)
+    with np.load(damaged / "val_docs.npz") as d:
+        train.prepare_data.write_npz(damaged / "val_docs.npz", offsets=d["offsets"], ids=d["ids"], sources=d["ids"])
+    msg = bad_run(tiny_flags, tmp_path, "--data", str(damaged))
+    assert msg.startswith(f"train.py: error: {damaged / 'val_docs.npz'} is damaged (its sources are not one of the 2")
 
 
 def test_reweight_warmup_trains_the_first_steps_with_uniform_weights(tiny_flags, tmp_path):
