@@ -64,11 +64,15 @@ import train
 from model import GPT, LOGITS_PER_CHUNK, per_sample_cross_entropy
 
 
+FORMS = ("midrank-plain", "midrank-bysample")  # MidRanking with train.BY_SAMPLE forced off, on
+
+
 def main():
     p = cli.build_parser(__doc__)  # the model, data and method flags of train.py, same defaults
     p.add_argument("--methods", nargs="+", default=["erm", "midrank", "irdro"],
-                   choices=reweight.METHODS + ("midrank-plain",), help="methods to time, beside the plain mean step "
-                   "and erm (the ratios are to erm); midrank-plain: MidRanking with train.SAMPLE_GRAPHS off")
+                   choices=reweight.METHODS + FORMS, help="methods to time, beside the plain mean step and erm (the "
+                   "ratios are to erm), each as train.py takes it; midrank-plain and midrank-bysample: MidRanking with "
+                   "train.BY_SAMPLE forced off and on (the measurement behind train.by_sample_wins)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     p.add_argument("--vs-hf", dest="vs_hf", action="store_true", help="ours vs transformers, see above")
@@ -145,16 +149,17 @@ def plain_mean(model, batches, ctx):
 
 
 def method_step(model, optimizer, batches, method, hparams, ctx, device):
-    """One optimizer step of `method` (or "mean", or "midrank-plain": MidRanking scored with no graph at all, as
-    under torchrun) on `batches`, as train.py takes it (train.forward_backward): -> its seconds."""
+    """One optimizer step of `method` on `batches`, as train.py takes it (train.forward_backward), or "mean" (no
+    weights), or "midrank-plain" / "midrank-bysample" (by_sample forced off / on): -> its seconds."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     if method == "mean":
         losses = plain_mean(model, batches, ctx)
     else:
-        train.BY_SAMPLE = method != "midrank-plain"
-        losses, w = train.forward_backward(model, batches, method.removesuffix("-plain"), hparams, ctx)
+        method, _, form = method.partition("-")
+        train.BY_SAMPLE = {"plain": False, "bysample": True}.get(form)  # None: by train.by_sample_wins's rule
+        losses, w = train.forward_backward(model, batches, method, hparams, ctx)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     losses.cpu()

@@ -20,6 +20,14 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class Given(argparse.Namespace):
+    """argparse sets a flag's default only where the namespace lacks it; this one lacks none, so parsing into it sets
+    just the flags on the command line (vars() of it are those)."""
+    def __getattr__(self, name):
+        if name.startswith("_"):  # argparse's own bookkeeping
+            raise AttributeError(name)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # flags defaulting to None state their defaults themselves
         return action.help if action.default is None else super()._get_help_string(action)
@@ -144,9 +152,7 @@ def get_args(argv=None, parser=None):
     the device."""
     import runtime  # loads torch: after --help has had its answer
     parser = parser or build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    given = {a.dest for a in parser._actions if a.option_strings and any(
-        arg == s or arg.startswith(s + "=") for arg in argv for s in a.option_strings)}
+    given = set(vars(parser.parse_args(argv, namespace=Given())))  # the flags on the command line
     saved = None
     if parse(argv, parser).init_from == "resume":
         out_dir = complete(parser, parse(argv, parser), given, quiet=True).out_dir  # the run to go on with
@@ -157,7 +163,7 @@ def get_args(argv=None, parser=None):
         saved = segments[-1]["args"] if segments else None  # none: setup says there is no checkpoint to resume
         if saved:
             band = set() if given & set(BAND_FLAGS) else set(BAND_FLAGS)
-            keys = {a.dest for a in parser._actions} - set(MACHINE_FLAGS) - set(BAND_FLAGS) - given | band
+            keys = set(vars(parser.parse_args([]))) - set(MACHINE_FLAGS) - set(BAND_FLAGS) - given | band
             parser.set_defaults(**{k: v for k, v in saved.items() if k in keys}, out_dir=out_dir)
     args = complete(parser, parse(argv, parser), given)
     if saved:

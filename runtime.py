@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -599,9 +599,21 @@ def load_model(path, dtype=None):
     return model, ckpt
 
 
+@dataclass
+class Placed:
+    """A model placed for training (place): what train.py's loop takes as given."""
+    raw_model: GPT                 # the model itself: its weights, checkpoints, exports, MFU
+    model: torch.nn.Module         # the same, as trained: compiled, DDP- or FSDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler   # float16's loss scaler; a no-op in any other dtype
+    ctx: object                    # autocast to the compute dtype, or nothing (float32)
+    device: torch.device
+    dtype: str                     # the compute dtype's name
+    step: int                      # the first step: 0, or the resumed run's
+
+
 def place(model, ckpt, args, distributed):
-    """Device, precision, sharding, AdamW, the resumed state and compilation of the model to train.
-    -> (device, dtype, autocast context, loss scaler, model as trained (wrapped), optimizer, first step)"""
+    """Device, precision, sharding, AdamW, the resumed state and compilation of the model to train. -> Placed"""
     device = start(args.device, distributed)
     dtype = pick_dtype(args.dtype, device)
     ctx, scaler = precision(dtype, device)
@@ -614,7 +626,7 @@ def place(model, ckpt, args, distributed):
         torch.manual_seed(args.seed + world()[0])
     step = restore(ckpt, model, optimizer, scaler, device) if args.init_from == "resume" else 0
     model = compile_and_wrap(model, args.compile, distributed and not args.fsdp, device)
-    return device, dtype, ctx, scaler, model, optimizer, step
+    return Placed(raw_model, model, optimizer, scaler, ctx, device, dtype, step)
 
 
 def save_run(raw_model, optimizer, scaler, device, args, step, **extra):

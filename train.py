@@ -168,36 +168,33 @@ def scored(model, batches, weigh, ctx, backward):
     there each micro-batch that holds a kept sample is forwarded again as it was scored instead, from the RNG state
     its scoring pass started from (the same masks, the same losses), its dropped rows weighing 0. Under torchrun
     the ranks gather the scores and all run as many passes (DDP and FSDP expect one forward per backward, and
-    FSDP's passes are collectives). One optimisation, where it wins: the last micro-batch `by_sample`."""
+    FSDP's passes are collectives). One optimisation, where it wins: `by_sample`."""
+    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+    if not dropout and by_sample_wins(model, batches):
+        return by_sample(model, *batches[0], weigh, ctx, backward)
     rank, _ = world()
     device, size, n_own = batches[0][0].device, len(batches[0][0]), sum(len(x) for x, _ in batches)
-    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
-    graphs = by_sample(model, batches, ctx) if not dropout and by_sample_wins(model) else []
-    states, own = [], []
+    quarter, states, own = -(-size // 4), [], []
     with torch.no_grad(), ctx:
-        for x, y in batches[:len(batches) - bool(graphs)]:  # (by_sample scored the last one)
+        for x, y in batches:
             states.append(runtime.rng_state(device) if dropout else None)
             own.append(model(x, y)[1])
     after = runtime.rng_state(device) if dropout else None
-    losses = all_cat(torch.cat(own + [g.detach() for g in graphs]))
+    losses = all_cat(torch.cat(own))
     w = weigh(losses)
     w_own = w[rank * n_own:(rank + 1) * n_own]
     kept = w_own.nonzero().squeeze(1)  # the step's one read of the weights (a device sync): how many passes
-    if graphs:  # its kept samples through their own graphs; the dropped ones are freed unbackpropagated
-        n_first = n_own - len(graphs)
-        last = [i for i in kept.tolist() if i >= n_first]
-        if last:
-            backward(sum(graphs[i - n_first] * w_own[i] for i in last).sum())
-        del graphs
-        kept = kept[:len(kept) - len(last)]
     if dropout:  # the micro-batches holding a kept sample again, as scored
         again = sorted({i // size for i in kept.tolist()})
         passes = [(states[j], *batches[j], w_own[j * size:(j + 1) * size]) for j in again]
-    else:  # the kept samples, re-packed
+    else:  # the kept samples, re-packed, the last pass padded with weight-0 rows to a multiple of a quarter batch
         x_all, y_all = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-        passes = [(None, x_all[rows], y_all[rows], w_own[rows]) for rows in kept.split(size) if len(rows)]
+        pad = -len(kept) % quarter  # so that torch.compile sees at most 4 sizes of pass (loss.py fixes each)
+        w_kept, kept = torch.cat([w_own[kept], w_own[:pad] * 0]), torch.cat([kept, kept[:1].repeat(pad)])
+        passes = [(None, x_all[rows], y_all[rows], w_rows)
+                  for rows, w_rows in zip(kept.split(size), w_kept.split(size)) if len(rows)]
     x, y = batches[0]
-    passes = runtime.same_count(passes, (None, x[:1], y[:1], w_own[:1] * 0), device)  # torchrun: weight-0 passes
+    passes = runtime.same_count(passes, (None, x[:quarter], y[:quarter], w_own[:quarter] * 0), device)  # torchrun
     for i, (state, x, y, w_rows) in enumerate(passes):
         if state is not None:
             runtime.set_rng_state(state, device)
@@ -209,24 +206,30 @@ def scored(model, batches, weigh, ctx, backward):
     return losses, w
 
 
+def by_sample(model, x, y, weigh, ctx, backward):
+    """`scored` for a step of one micro-batch in one process, where by_sample_wins: each sample is scored through a
+    graph of its own, so that the kept ones are backpropagated with no second forward pass and the dropped ones are
+    freed unbackpropagated. Every pass is of one sample: one shape for the compiler, whatever is kept."""
+    with ctx:
+        graphs = [model(x[i:i + 1], y[i:i + 1])[1] for i in range(len(x))]
+    losses = torch.cat([g.detach() for g in graphs])
+    w = weigh(losses)
+    kept = w.nonzero().squeeze(1).tolist()  # the step's one read of the weights: which graphs to backpropagate
+    backward(sum(graphs[i] * w[i] for i in kept).sum())
+    return losses, w
+
+
 BY_SAMPLE = None  # None: by by_sample_wins's rule; True / False: forced (the tests and bench.py take both forms)
 
 
-def by_sample(model, batches, ctx):
-    """An optimisation of `scored` in one process: the last micro-batch is scored through one graph per sample, so
-    that its kept samples are backpropagated with no second forward pass and its dropped ones freed. -> the graphs"""
-    x, y = batches[-1]
-    with ctx:
-        return [model(x[i:i + 1], y[i:i + 1])[1] for i in range(len(x))]
-
-
-def by_sample_wins(model):
+def by_sample_wins(model, batches):
     """by_sample saves a forward pass of the kept samples and pays in batch-of-one passes: it wins where the output
     layer is most of the forward. Measured (bench.py, README, 2 CPU cores): MidRanking keep 0.5 at grad_accum 1 went
     from 0.79x to 0.75x ERM with GPT-2 BPE (output layer 89% of the weights) and from 0.85x to 1.03x with characters
-    (2%). So: in one process, where the output layer holds more weights than all blocks (OPT and LLaMA: 20-45%)."""
-    if world()[1] > 1 or BY_SAMPLE is not None:
-        return bool(BY_SAMPLE) and world()[1] == 1
+    (2%). So: one micro-batch in one process, where the output layer holds more weights than all blocks (OPT and
+    LLaMA: 20-45%). (With more micro-batches the others' kept samples would be re-packed into passes of every size.)"""
+    if len(batches) > 1 or world()[1] > 1 or BY_SAMPLE is not None:
+        return bool(BY_SAMPLE) and len(batches) == 1 and world()[1] == 1
     return model.lm_head.weight.numel() > sum(p.numel() for p in model.transformer.h.parameters())
 
 
@@ -323,37 +326,37 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C in set-up (e.g. while the built-in corpus is prepared): nothing half-written
         print(f"train.py: {prepare_data.INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
-    raw_model = model  # placed: device, precision, DDP/FSDP, AdamW; on resume also optimizer, step and RNG
-    device, dtype, ctx, scaler, model, optimizer, step = runtime.place(raw_model, ckpt, args, distributed)
-    log = runtime.RunLog(Path(args.out_dir), args, resume_step=step if args.init_from == "resume" else None)
-    log.print(runtime.run_line(raw_model, args, len(train_data["start"]), device, dtype))
-    with runtime.out_of_memory_exits(raw_model, args), runtime.failures_exit():  # OOM, diverged, disk full: exit 2
-        val_loss, sig = train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, val_data, step, log)
-        state = runtime.model_state(raw_model)  # FSDP: a collective; finite: the last checkpoint was of these
+    run = runtime.place(model, ckpt, args, distributed)  # device, precision, DDP/FSDP, AdamW; resumed: their state
+    log = runtime.RunLog(Path(args.out_dir), args, resume_step=run.step if args.init_from == "resume" else None)
+    log.print(runtime.run_line(model, args, len(train_data["start"]), run.device, run.dtype))
+    with runtime.out_of_memory_exits(model, args), runtime.failures_exit():  # OOM, diverged, disk full: exit 2
+        val_loss, sig = train(args, run, train_data, val_data, log)
+        state = runtime.model_state(model)  # FSDP: a collective; finite: the last checkpoint was of these
         if log.on:
             log.close()
-            hf.export(raw_model.config, state, Path(args.out_dir) / "hf", hf.checkpoint_folder(args.pretrained) if
+            hf.export(model.config, state, Path(args.out_dir) / "hf", hf.checkpoint_folder(args.pretrained) if
                       args.pretrained else train_data["meta"].get("tokenizer_source", train_data["meta"]["tokenizer"]))
             log.print(f"next: python plot.py {args.out_dir}  (figures) | {args.out_dir}/hf: for transformers, lm-eval")
     runtime.finish(distributed, sig)  # stopped by a signal: exits 128 + its number, once checkpointed
-    return dict(val_loss=val_loss, model=raw_model)
+    return dict(val_loss=val_loss, model=model)
 
 
-def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, val_data, step, log):
-    """The training loop, from `step` to max_iters. -> (the last val loss, the number of a signal that stopped it)"""
+def train(args, run, train_data, val_data, log):
+    """The training loop of the placed model `run` (runtime.Placed), from run.step to max_iters. -> (the last val
+    loss, the number of a signal that stopped it)"""
+    step, model, optimizer, scaler, device = run.step, run.model, run.optimizer, run.scaler, run.device
     n = args.batch_size * args.grad_accum * world()[1]  # samples in a step, all ranks
     hparams = cli.method_hparams(args)
     eval_set = np.sort(np.random.default_rng(0).permutation(len(val_data["start"]))[:args.eval_samples])
     val_loss, last_eval, skipped, upcoming = None, (step if args.init_from == "resume" else None), 0, None
     stop = runtime.StopSignal()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 128 + the signal's number
-    progress = runtime.Progress(raw_model, args.block_size, device, runtime.pick_dtype(args.dtype, device), step,
-                                args.max_iters)
-    checkpoint = functools.partial(runtime.save_run, raw_model, optimizer, scaler, device, args,  # all ranks call
+    progress = runtime.Progress(run.raw_model, args.block_size, device, run.dtype, step, args.max_iters)
+    checkpoint = functools.partial(runtime.save_run, run.raw_model, optimizer, scaler, device, args,  # all ranks call
                                    tokenizer=tokenization.tokenizer_id(train_data["meta"]))
 
     while True:
         if step != last_eval and (step % args.eval_interval == 0 or step == args.max_iters):
-            val_loss = evaluate(model, val_data, eval_set, args.batch_size, args.block_size, device, ctx)
+            val_loss = evaluate(model, val_data, eval_set, args.batch_size, args.block_size, device, run.ctx)
             log.record(dict(type="eval", step=step, val_loss=val_loss), f"==> step {step}: val loss {val_loss:.4f}")
             if step > 0:
                 checkpoint(step, val_loss=val_loss)
@@ -369,7 +372,7 @@ def train(args, model, raw_model, optimizer, scaler, ctx, device, train_data, va
         runtime.set_lr(optimizer, lr)
         samples, batches = upcoming or step_batches(train_data, args, step, device)  # this rank's share of samples
         method = args.method if step >= args.reweight_warmup else "erm"  # --reweight_warmup: uniform weights first
-        losses, w = forward_backward(model, batches, method, hparams, ctx, scaler.scale)
+        losses, w = forward_backward(model, batches, method, hparams, run.ctx, scaler.scale)
         upcoming = step_batches(train_data, args, step + 1, device)  # made (and copied) while the device computes
         host = torch.cat([losses, w, stop.flag(losses)]).cpu()  # the one device sync of the step
         losses, w, stop.signum = host[:n], host[n:2 * n], int(host[-1])

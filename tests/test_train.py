@@ -92,24 +92,45 @@ def reference_grads(model, x, y, method, tau, skip, keep):
     return grads, w.float()
 
 
-@pytest.mark.parametrize("sample_graphs", [True, False])  # False: MidRanking et al. scored with no graph at all
-@pytest.mark.parametrize("method", reweight.METHODS)
-@pytest.mark.parametrize("micro", [8, 4, 2, 1])
-def test_forward_backward_equals_the_whole_batch_gradient(method, micro, sample_graphs, monkeypatch):
-    monkeypatch.setattr(train, "BY_SAMPLE", sample_graphs)
-    torch.manual_seed(0)
+def step_batch(n=8, seed=0):
+    torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
-    x = torch.randint(64, (8, 16))
-    y = torch.randint(64, (8, 16))
+    x, y = torch.randint(64, (n, 16)), torch.randint(64, (n, 16))
     y[3, 5:] = -1
-    tau, skip, keep = 0.05, 0.25, 0.5  # small tau: the weights are far from uniform
-    ref, w_ref = reference_grads(model, x, y, method, tau, skip, keep)
-    batches = [(x[i:i + micro], y[i:i + micro]) for i in range(0, 8, micro)]
-    losses, w = train.forward_backward(model, batches, method, dict(tau=tau, skip=skip, keep=keep), nullcontext())
-    assert torch.allclose(w, w_ref, atol=1e-6)
-    assert w.max() > 0.2 or method == "erm"
+    return model, x, y
+
+
+HPARAMS = dict(tau=0.05, skip=0.25, keep=0.5)  # small tau: the weights are far from uniform
+
+
+@pytest.mark.parametrize("method", reweight.METHODS)
+def test_the_naive_step_is_the_gradient_of_the_weighted_loss(method):
+    """train.naive_step, the oracle of every other form, against weights computed here independently."""
+    model, x, y = step_batch()
+    ref, w_ref = reference_grads(model, x, y, method, **HPARAMS)
+    losses, w = train.naive_step(model, x, y, method, HPARAMS)
+    assert torch.allclose(w, w_ref, atol=1e-6) and (w.max() > 0.2 or method == "erm")
+    assert losses.grad_fn is None and w.grad_fn is None
     for p, g in zip(model.parameters(), ref):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("by_sample", [True, False])  # the last micro-batch's per-sample graphs, or none at all
+@pytest.mark.parametrize("method", reweight.METHODS)
+@pytest.mark.parametrize("micro", [8, 4, 2, 1])
+def test_forward_backward_is_the_naive_step_in_float64(method, micro, by_sample, monkeypatch):
+    monkeypatch.setattr(train, "BY_SAMPLE", by_sample)
+    model, x, y = step_batch()
+    model.double()
+    l_ref, w_ref = train.naive_step(model, x, y, method, HPARAMS)
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    batches = [(x[i:i + micro], y[i:i + micro]) for i in range(0, 8, micro)]
+    losses, w = train.forward_backward(model, batches, method, HPARAMS, nullcontext())
+    assert losses.dtype == w.dtype == torch.float64
+    assert torch.allclose(losses, l_ref, rtol=1e-13, atol=0) and torch.allclose(w, w_ref, rtol=1e-12, atol=1e-15)
+    for p, g in zip(model.parameters(), ref):
+        assert torch.allclose(p.grad, g, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("micro", [4, 2, 1])
@@ -166,7 +187,7 @@ def test_midrank_under_torchrun_keeps_unevenly_over_the_ranks(tiny_flags, tmp_pa
 @pytest.mark.parametrize("method,dropout,by_sample,waits", [
     ("erm", 0.0, None, []), ("irdro", 0.0, None, []),  # streamed: nothing read until the loop reads the step
     ("midrank", 0.0, False, ["nonzero"]),  # which samples are kept, hence how many passes: the one read it needs
-    ("midrank", 0.0, True, ["nonzero", "tolist"]),  # by_sample also picks the kept ones' graphs on the host
+    ("midrank", 0.0, True, ["nonzero", "tolist"]),  # by_sample (one micro-batch): which graphs, on the host
     ("midrank", 0.1, None, ["nonzero", "tolist"])])  # under dropout: which micro-batches to forward again
 def test_a_step_waits_for_the_device_only_where_the_method_must(method, dropout, by_sample, waits, monkeypatch):
     """The host-device waits of a step (tests/conftest.py HostWaits: reads, value-sized ops, copies of host data),
@@ -181,7 +202,8 @@ def test_a_step_waits_for_the_device_only_where_the_method_must(method, dropout,
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # bf16 and float32 need none (float16's reads its scale)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(64, (8, 16), generator=g), torch.randint(64, (8, 16), generator=g)
-    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 8, 4)]
+    micro = 8 if by_sample else 4  # by_sample takes a step of one micro-batch
+    batches = [(x[i:i + micro], y[i:i + micro]) for i in range(0, 8, micro)]
     for step in range(2):
         with HostWaits() as host:
             losses, w = train.forward_backward(model, batches, method, dict(tau=0.5, skip=0.25, keep=0.5),
@@ -190,6 +212,64 @@ def test_a_step_waits_for_the_device_only_where_the_method_must(method, dropout,
         optimizer.zero_grad(set_to_none=True)
         assert host.seen == waits, (step, host.seen)
         assert losses.shape == w.shape == (8,) and float(w.sum()) == pytest.approx(1)
+
+
+@pytest.mark.parametrize("micro,n_micro", [(4, 2), (2, 4), (8, 1)])
+def test_under_torch_compile_each_form_makes_its_graphs_in_its_first_step_only(micro, n_micro, monkeypatch):
+    """torch.compile (dynamo's graph count; backend "eager": the graphs are dynamo's, whatever compiles them): a
+    graph made after a method's first step is a recompile, seconds each on a GPU. The step's shapes are fixed: the
+    kept count is the method's (MidRanking: floor(keep * n)), re-packed into the same passes every step, and
+    by_sample's passes are of one sample. ERM: the training graph; IR-DRO: the same one; MidRanking: its scoring
+    graph (no grad), and a pass of another size where the kept samples do not fill micro-batches."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    compiled = torch.compile(model, backend="eager")
+    made = {}
+    for form in ("erm", "irdro", "midrank-plain", "midrank-bysample", "random-plain", "extremes-plain"):
+        method, _, by_sample = form.partition("-")
+        monkeypatch.setattr(train, "BY_SAMPLE", {"plain": False, "bysample": True}.get(by_sample))
+        made[form] = []
+        for step in range(6):
+            g = torch.Generator().manual_seed(step)
+            x, y = (torch.randint(64, (micro * n_micro, 16), generator=g) for _ in range(2))
+            before = counters["stats"]["unique_graphs"]
+            train.forward_backward(compiled, [(x[i:i + micro], y[i:i + micro]) for i in range(0, len(x), micro)],
+                                   method, dict(tau=0.5, skip=0.25, keep=0.5), nullcontext())
+            model.zero_grad(set_to_none=True)
+            made[form].append(counters["stats"]["unique_graphs"] - before)
+    assert made["erm"] == [1, 0, 0, 0, 0, 0] and made["irdro"] == [0] * 6, made
+    for form in ("midrank-plain", "midrank-bysample", "random-plain", "extremes-plain"):
+        assert made[form][0] <= 2 and made[form][1:] == [0] * 5, (form, made)
+
+
+def test_under_torch_compile_a_kept_count_that_varies_makes_at_most_four_sizes_of_pass(monkeypatch):
+    """A method keeping a different number of samples every step (as a rank's share of MidRanking's kept samples
+    under torchrun does): its last re-packed pass is padded with weight-0 rows to a multiple of a quarter
+    micro-batch, so the training passes come in at most 4 sizes (loss.py's chunk loop fixes each one's graph)."""
+    from torch._dynamo.utils import counters
+
+    def above_median(losses):  # 5..9 of 16 kept below, the rest dropped
+        w = (losses >= losses.median()).to(losses.dtype) * (torch.arange(len(losses)) % 3 > 0)
+        return w / w.sum()
+
+    add_method(monkeypatch, "above_median", above_median)
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    compiled = torch.compile(model, backend="eager")
+    sizes, kept = set(), set()
+    model.register_forward_pre_hook(lambda module, args: sizes.add(len(args[0])) if torch.is_grad_enabled() else None)
+    for step in range(12):
+        x, y, losses, w, _ = micro_step(compiled, "above_median", {}, micro=8, n=16, seed=step)
+        kept.add(int((w > 0).sum()))
+        ref, w_ref = float64_reference(model, x, y, above_median)
+        assert torch.allclose(w, w_ref) and all(torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+                                                for p, g in zip(model.parameters(), ref))
+    assert len(kept) >= 3 and 2 <= len(sizes) and sizes <= {2, 4, 6, 8}, (kept, sizes)
+    assert counters["stats"]["unique_graphs"] <= 1 + len(sizes)  # scoring (no grad), and a graph a pass size
 
 
 # --- reweight.py is the one definition of the weights: training follows it --------------------
@@ -916,12 +996,12 @@ class SavedTensors:
         self.hooks.__exit__(*exc)
 
 
-@pytest.mark.parametrize("method,dropout,sample_graphs", [
-    ("erm", 0.0, True), ("irdro", 0.0, True), ("midrank", 0.0, True), ("midrank", 0.0, False),
-    ("midrank", 0.1, True), ("random", 0.0, False)])
-def test_one_micro_batch_graph_at_a_time_and_nothing_outlives_its_backward(method, dropout, sample_graphs,
+@pytest.mark.parametrize("method,dropout,by_sample,n_micro", [
+    ("erm", 0.0, None, 4), ("irdro", 0.0, None, 4), ("midrank", 0.0, True, 1), ("midrank", 0.0, False, 4),
+    ("midrank", 0.1, None, 4), ("random", 0.0, False, 4)])
+def test_one_micro_batch_graph_at_a_time_and_nothing_outlives_its_backward(method, dropout, by_sample, n_micro,
                                                                             monkeypatch):
-    monkeypatch.setattr(train, "BY_SAMPLE", sample_graphs)
+    monkeypatch.setattr(train, "BY_SAMPLE", by_sample)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=dropout)).train()
     g = torch.Generator().manual_seed(0)
@@ -929,7 +1009,7 @@ def test_one_micro_batch_graph_at_a_time_and_nothing_outlives_its_backward(metho
     with SavedTensors(model) as one:  # a single micro-batch's forward: the yardstick
         model(x[:4], y[:4])[1].sum().backward()
     model.zero_grad(set_to_none=True)
-    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 4 * n_micro, 4)]  # by_sample: a step of one
     with SavedTensors(model) as step:
         losses, w = train.forward_backward(model, batches, method, dict(tau=0.5, skip=0.25, keep=0.5), nullcontext())
     gc.collect()
