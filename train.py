@@ -225,7 +225,7 @@ BY_SAMPLE = None  # None: by by_sample_wins's rule; True / False: forced (the te
 def by_sample_wins(model, batches):
     """by_sample saves a forward pass of the kept samples and pays in batch-of-one passes: it wins where the output
     layer is most of the forward. Measured (bench.py, README, 2 CPU cores): MidRanking keep 0.5 at grad_accum 1 went
-    from 0.79x to 0.75x ERM with GPT-2 BPE (output layer 89% of the weights) and from 0.85x to 1.03x with characters
+    from 0.90x to 0.75x ERM with GPT-2 BPE (output layer 89% of the weights) and from 0.85x to 0.98x with characters
     (2%). So: one micro-batch in one process, where the output layer holds more weights than all blocks (OPT and
     LLaMA: 20-45%). (With more micro-batches the others' kept samples would be re-packed into passes of every size.)"""
     if len(batches) > 1 or world()[1] > 1 or BY_SAMPLE is not None:
