@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -670,14 +671,35 @@ def methods_worker(args):
 
     times, peak, graphs = time_methods(model, optimizer, batches_of, METHODS_TIMED, cli.method_hparams(args), ctx,
                                        device, args.warmup, args.steps)
+    waits = {m: device_waits(model, optimizer, batches_of(0), m, cli.method_hparams(args), ctx, device)
+             for m in METHODS_TIMED}
     erm = statistics.median(times["erm"])
     from torch._dynamo.utils import counters  # all of them, in case a torch renames the one counted
     print(json.dumps(dict(methods={m: dict(ms=round(statistics.median(t) * 1e3, 2),
                                            x_erm=round(statistics.median(t) / erm, 3),
                                            peak_gib=None if peak[m] is None else round(peak[m] / 2**30, 3),
-                                           graphs_warmup=graphs[m][0], graphs_after_warmup=graphs[m][1])
+                                           graphs_warmup=graphs[m][0], graphs_after_warmup=graphs[m][1],
+                                           waits=waits[m])
                                   for m, t in times.items()},
                           counters={k: dict(counters[k]) for k in ("stats", "frames") if k in counters})))
+
+
+def device_waits(model, optimizer, batches, method, hparams, ctx, device):
+    """The host-device synchronisations of one step of `method` (train.forward_backward, then AdamW), one warning each
+    in CUDA's sync debug mode; None off CUDA, where tests/test_train.py counts them (the same should be found: ERM
+    and IR-DRO none, MidRanking its kept-index read)."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train.forward_backward(model, batches, method, hparams, ctx)
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            optimizer.zero_grad(set_to_none=True)
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def part_loss(check):
@@ -797,11 +819,12 @@ def table_vs_hf(part):
 
 
 def table_methods(part):
-    rows = ["| shape | method | ms/step | x ERM | peak GiB | graphs in warm-up | graphs after |", "|---" * 7 + "|"]
+    rows = ["| shape | method | ms/step | x ERM | peak GiB | graphs in warm-up | graphs after | device syncs |",
+            "|---" * 8 + "|"]
     for shape, res in part["shapes"].items():
         for m, r in res["methods"].items():
             rows.append(f"| {shape} | {m} | {r['ms']:.1f} | {r['x_erm']:.3f} | {fmt(r['peak_gib'], '.2f')} | "
-                        f"{r['graphs_warmup']} | {r['graphs_after_warmup']} |")
+                        f"{r['graphs_warmup']} | {r['graphs_after_warmup']} | {fmt(r.get('waits'), 'd')} |")
     reasons = [f"- {shape}, a guard that made a graph recompile: {why}" for shape, res in part["shapes"].items()
                for why in res["recompile_reasons"]]
     return [f"batch {part['batch']} tokens (grad_accum x micro-batch x block)", ""] + rows + [""] + reasons
