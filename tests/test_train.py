@@ -519,6 +519,17 @@ def test_a_reference_model_is_checked_like_the_trained_one(tiny_flags, tiny_ref,
     assert "(it takes --keep, --ref_model)" in capsys.readouterr().err
 
 
+def test_a_run_against_a_reference_resumes_with_it(tiny_flags, tiny_ref, tmp_path):
+    """--init_from resume alone goes on with the saved --ref_model, and takes the steps of an unbroken run."""
+    common = ["--method", "excess_irdro", "--tau", "0.5", "--ref_model", str(tiny_ref), "--batch_size", "4",
+              "--eval_interval", "2"]
+    straight = run(tiny_flags, tmp_path, "straight", *common, "--max_iters", "4")["model"].state_dict()
+    run(tiny_flags, tmp_path, "parts", *common, "--max_iters", "2")
+    resumed = run(tiny_flags, tmp_path, "parts", "--init_from", "resume", "--max_iters", "4")["model"].state_dict()
+    assert all(torch.allclose(straight[k], resumed[k], rtol=0, atol=1e-6) for k in straight)
+    assert read_jsonl(tmp_path / "parts" / "weights.jsonl") == read_jsonl(tmp_path / "straight" / "weights.jsonl")
+
+
 def test_a_hugging_face_reference_must_have_the_datas_tokenizer(tiny_flags, tiny_llama_ckpt, tiny_llama_data,
                                                                  tmp_path):
     msg = bad_run(tiny_flags, tmp_path, "--method", "rholoss", "--ref_model", str(tiny_llama_ckpt))
