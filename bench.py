@@ -12,6 +12,8 @@ model, data and effective batch (with gradient accumulation), and their ratios t
 Methods are interleaved step by step (mean, erm, midrank, irdro, mean, ...) so that a slow moment of the
 machine hits all of them alike; the median step time of each is reported. "mean" is the plain step with no
 weights at all (loss.mean() of each micro-batch, backward): the floor that the methods' steps are held to.
+A method that scores against a reference model (`--methods erm rholoss excess_irdro`) gets a frozen copy of the
+benchmarked model as its reference (--ref_model is not read): its step time includes the reference's forward passes.
 
 --vs-hf times the training step (per-sample loss, IR-DRO weights, backward, optimizer step) of our model (with
 AdamW, and with torchao's AdamW8bit where installed) and of transformers' (its logits, the per-sample loss from
@@ -38,6 +40,7 @@ each whole process (imports included) and the val losses each printed.
 """
 
 import argparse
+import copy
 import json
 import os
 import pickle
@@ -59,6 +62,7 @@ import torch
 import cli
 import hf
 import prepare_data
+import reference
 import reweight
 import runtime
 import train
@@ -73,7 +77,8 @@ def main():
     p.add_argument("--methods", nargs="+", default=["erm", "midrank", "irdro"],
                    choices=reweight.METHODS + FORMS, help="methods to time, beside the plain mean step and erm (the "
                    "ratios are to erm), each as train.py takes it; midrank-plain and midrank-bysample: MidRanking with "
-                   "train.BY_SAMPLE forced off and on (the measurement behind train.by_sample_wins)")
+                   "train.BY_SAMPLE forced off and on (the measurement behind train.by_sample_wins); rholoss and "
+                   "excess_irdro: against a frozen copy of the model as their reference, its forward passes timed")
     p.add_argument("--steps", type=int, default=10, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     p.add_argument("--vs-hf", dest="vs_hf", action="store_true", help="ours vs transformers, see above")
@@ -115,6 +120,9 @@ def main():
     model = GPT(cli.scratch_config(args, data["meta"]["vocab_size"])).to(device)
     optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device.type)
     n_params = model.num_params()
+    scores_ref = any(reference.takes(m.partition("-")[0]) for m in args.methods)  # frozen, as --ref_model's is
+    ref_model = reference.place(copy.deepcopy(model).eval().requires_grad_(False) if scores_ref else None, device,
+                                args.compile)
     if args.compile:
         model = torch.compile(model)
     n = args.batch_size * args.grad_accum
@@ -126,7 +134,7 @@ def main():
 
     methods = ("mean", "erm", *[m for m in args.methods if m != "erm"])  # erm: the reference of every ratio
     times, peak, _ = time_methods(model, optimizer, batches_of, methods, cli.method_hparams(args), ctx, device,
-                                  args.warmup, args.steps)
+                                  args.warmup, args.steps, ref_model)
     kept = reweight.midrank_counts(n, args.skip, args.keep, args.frac, args.portion)[1]
     print(f"{device} {dtype} | {n_params / 1e6:.2f}M params | "
           f"batch {n} = {args.batch_size} x {args.grad_accum} of {args.block_size} tokens | "
@@ -149,9 +157,10 @@ def plain_mean(model, batches, ctx):
     return loss
 
 
-def method_step(model, optimizer, batches, method, hparams, ctx, device):
-    """One optimizer step of `method` on `batches`, as train.py takes it (train.forward_backward), or "mean" (no
-    weights), or "midrank-plain" / "midrank-bysample" (by_sample forced off / on): -> its seconds."""
+def method_step(model, optimizer, batches, method, hparams, ctx, device, ref_model=None):
+    """One optimizer step of `method` on `batches`, as train.py takes it (train.forward_backward, after the reference's
+    losses for a method that takes them), or "mean" (no weights), or "midrank-plain" / "midrank-bysample" (by_sample
+    forced off / on): -> its seconds."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -160,6 +169,8 @@ def method_step(model, optimizer, batches, method, hparams, ctx, device):
     else:
         method, _, form = method.partition("-")
         train.BY_SAMPLE = {"plain": False, "bysample": True}.get(form)  # None: by train.by_sample_wins's rule
+        if reference.takes(method):  # as train.py's loop: the reference's forward passes, then the step
+            hparams = dict(hparams, ref_losses=reference.losses(ref_model, batches, ctx))
         losses, w = train.forward_backward(model, batches, method, hparams, ctx)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -168,7 +179,7 @@ def method_step(model, optimizer, batches, method, hparams, ctx, device):
     return time.perf_counter() - t0
 
 
-def time_methods(model, optimizer, batches_of, methods, hparams, ctx, device, warmup, steps):
+def time_methods(model, optimizer, batches_of, methods, hparams, ctx, device, warmup, steps, ref_model=None):
     """The methods interleaved step by step on the same batches (batches_of(k): step k's micro-batches), so that a
     slow moment of the machine hits all of them alike. -> ({method: timed step seconds}, {method: peak bytes, None
     off CUDA}, {method: (graphs compiled in its warm-up steps, graphs compiled in its timed steps)}): torch.compile's
@@ -182,7 +193,7 @@ def time_methods(model, optimizer, batches_of, methods, hparams, ctx, device, wa
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             before = counters["stats"]["unique_graphs"]
-            dt = method_step(model, optimizer, batches, m, hparams, ctx, device)
+            dt = method_step(model, optimizer, batches, m, hparams, ctx, device, ref_model)
             graphs[m][k >= warmup] += counters["stats"]["unique_graphs"] - before
             if k >= warmup:
                 times[m].append(dt)

@@ -53,24 +53,9 @@ def by_mode(flag):
 
 def build_parser(description="Train a GPT with per-sample losses reweighted by ERM, MidRanking or IR-DRO."):
     p = Parser(description=description.split("\n\n")[0], formatter_class=HelpFormatter)
-    a = p.add_argument_group("method: how the n per-sample losses of a step become the weights w_i (reweight.py)",
-                             "Each method reads only the flags it names; the others are ignored.").add_argument
-    a("--method", default="irdro", metavar="NAME", help="erm: w_i = 1/n. midrank: drop the highest losses, "
-      "w_i = 1/k on the next k, 0 on the rest (--skip/--keep or --frac/--portion). irdro: w = softmax(loss / tau) "
-      "(--tau). Beyond the paper (reweight_followup.py): linupper, quadratic, extremes (--tau), random (--keep)")
-    a("--tau", type=float, default=1.0, help="IR-DRO's temperature, w = softmax(loss / tau): smaller = more weight "
-      "on the hardest samples (tau -> 0: all on the largest loss), larger = closer to ERM's 1/n")
-    a("--reweight_warmup", type=int, default=0, metavar="N", help="train the first N steps with ERM's uniform "
-      "weights, then with --method (a warm-up of the reweighting, as the follow-up work does)")
-    a("--skip", type=float, default=None, help="MidRanking: the fraction of highest-loss samples skipped as likely "
-      "noise, floor(skip * n); larger = further from the hardest (default: 0.125, unless --frac/--portion)")
-    a("--keep", type=float, default=None, help="MidRanking: the fraction trained on after the skipped ones, "
-      "k = floor(keep * n), 1/k each; the rest weigh 0. The official --frac f --portion p is --skip p*f --keep f "
-      "(up to rounding; give --frac/--portion for the official rule exactly) (default: 0.5, unless --frac/--portion)")
-    a("--frac", type=float, default=None, help="MidRanking as the official code sets it, exactly: c = int(frac * n) "
-      "samples are kept; replaces --skip/--keep (giving both is an error) (default: 0.125 with --portion)")
-    a("--portion", type=int, default=None, help="MidRanking, official: train on the sorted ranks [portion*c, "
-      "(portion+1)*c), rank 0 the highest loss; 0 = hardest only (default: 0 with --frac)")
+    method = p.add_argument_group("method: how the n per-sample losses of a step become the weights w_i (reweight.py)",
+                                  "Each method reads only the flags it names; the others are ignored.")
+    add_method_flags(method.add_argument)
     a = p.add_argument_group("data").add_argument
     a("--data", default=str(prepare_data.DEFAULT_DATA_DIR), help="folder written by prepare_data.py; the built-in "
       "corpus (data/shakespeare-char, or data/shakespeare as GPT-2 tokens) is prepared on first use")
@@ -131,6 +116,31 @@ def build_parser(description="Train a GPT with per-sample losses reweighted by E
     return p
 
 
+def add_method_flags(a):
+    """The method group's flags (`a`: its add_argument): reweight.py's methods and the arguments they take."""
+    a("--method", default="irdro", metavar="NAME", help="erm: w_i = 1/n. midrank: drop the highest losses, "
+      "w_i = 1/k on the next k, 0 on the rest (--skip/--keep or --frac/--portion). irdro: w = softmax(loss / tau) "
+      "(--tau). Beyond the paper (reweight_followup.py): linupper, quadratic, extremes (--tau), random (--keep); "
+      "against a reference model (--ref_model), by the reducible loss l - l_ref: rholoss (--keep: the top k), "
+      "excess_irdro (--tau: softmax((l - l_ref) / tau))")
+    a("--tau", type=float, default=1.0, help="IR-DRO's temperature, w = softmax(loss / tau): smaller = more weight "
+      "on the hardest samples (tau -> 0: all on the largest loss), larger = closer to ERM's 1/n")
+    a("--reweight_warmup", type=int, default=0, metavar="N", help="train the first N steps with ERM's uniform "
+      "weights, then with --method (a warm-up of the reweighting, as the follow-up work does)")
+    a("--skip", type=float, default=None, help="MidRanking: the fraction of highest-loss samples skipped as likely "
+      "noise, floor(skip * n); larger = further from the hardest (default: 0.125, unless --frac/--portion)")
+    a("--keep", type=float, default=None, help="MidRanking: the fraction trained on after the skipped ones, "
+      "k = floor(keep * n), 1/k each; the rest weigh 0. The official --frac f --portion p is --skip p*f --keep f "
+      "(up to rounding; give --frac/--portion for the official rule exactly) (default: 0.5, unless --frac/--portion)")
+    a("--frac", type=float, default=None, help="MidRanking as the official code sets it, exactly: c = int(frac * n) "
+      "samples are kept; replaces --skip/--keep (giving both is an error) (default: 0.125 with --portion)")
+    a("--portion", type=int, default=None, help="MidRanking, official: train on the sorted ranks [portion*c, "
+      "(portion+1)*c), rank 0 the highest loss; 0 = hardest only (default: 0 with --frac)")
+    a("--ref_model", default=None, metavar="PATH", help="rholoss, excess_irdro: the frozen reference model whose "
+      "per-sample losses l_ref are subtracted, trained on clean held-out data: a train.py out_dir (train one with "
+      "--method erm on a clean --data) or a Hugging Face checkpoint, with the data's tokenizer")
+
+
 def parse(argv=None, parser=None):
     """The flags as given, parsed (--help prints and exits here; a malformed flag exits 2): no torch needed."""
     return (parser or build_parser()).parse_args(argv)
@@ -174,6 +184,7 @@ def get_args(argv=None, parser=None):
 def complete(parser, args, given, quiet=False):
     """Parsed flags -> completed: the defaults that depend on the run, the method's own flags (a method flag given
     that the method does not take is warned, unless quiet), out_dir's {run} filled in, the device."""
+    import reference
     import reweight
     import runtime
     official = args.frac is not None or args.portion is not None
@@ -188,9 +199,13 @@ def complete(parser, args, given, quiet=False):
         _, taken = reweight.method(args.method, **method_hparams(args))  # reweight.METHODS as they are now
     except ValueError as e:  # an unknown method
         parser.error(f"argument --method: {e}")
+    ref = {"ref_model"} if reference.takes(args.method) else set()  # the flag of the method's ref_losses
+    if ref and not args.ref_model and not quiet:  # (quiet: resume's first pass, before the saved run's flags)
+        parser.error(f"--method {args.method} scores the losses against a reference model's: give --ref_model PATH "
+                     "(a train.py out_dir trained on clean held-out data, or a Hugging Face checkpoint)")
     # a method flag on the command line that the method does not take is ignored: say so (sweeps pass them all)
-    for flag in sorted(given & set(METHOD_FLAGS) - set(taken)) if not quiet else ():
-        takes = ", ".join(f"--{k}" for k in taken) or "no method flags"
+    for flag in sorted(given & {*METHOD_FLAGS, "ref_model"} - {*taken, *ref}) if not quiet else ():
+        takes = ", ".join(f"--{k}" for k in [*taken, *ref]) or "no method flags"
         print(f"{parser.prog}: warning: --{flag} does not apply to --method {args.method} (it takes {takes}): "
               "ignored", file=sys.stderr)
     args.method_args = taken  # what the method takes of the flags: in args.json, for plot.py's labels
@@ -279,6 +294,7 @@ def check_method(method, hparams, n):
 
     import reweight
     losses = torch.linspace(0.5, 12.0, n, dtype=torch.float64)
+    hparams = dict(hparams, ref_losses=torch.cos(losses) + 2)  # for a method that takes a reference's (not monotone)
     w = reweight.weights(losses, method, **hparams)
     fn, hp = reweight.method(method, **hparams)
     if hasattr(fn, "score") and not torch.allclose(torch.softmax(fn.score(losses, **hp), 0), w, rtol=1e-4, atol=1e-8):

@@ -4,17 +4,17 @@ Hard-sample reweighting: per-sample losses of one pool -> weights (Chen et al., 
 A step sees a pool of n samples with losses l_1..l_n (the whole effective batch) and minimises sum_i w_i l_i, w
 from the *detached* losses, >= 0, summing to 1: the one definition of every weight that reaches the gradient. A
 method is `name(losses, <hyperparameters>) -> weights` plus its name in METHODS, its hyperparameters the train.py
-flags of the same names. Softmax weights w_i = exp(s_i) / sum_j exp(s_j) may set `.score = s` (streamed, ERM's cost).
-"""
+flags of the same names (`ref_losses`: a reference model's losses of the same samples, --ref_model, reference.py).
+Softmax weights w_i = exp(s_i) / sum_j exp(s_j) may set `.score = s` (streamed, ERM's cost)."""
 
 import inspect
 import math
 
 import torch
 
-import reweight_followup as followup  # beyond the paper: Sow et al.'s weightings and a random control
+import reweight_followup as followup  # beyond the paper: Sow et al.'s weightings, a random control, RHO-LOSS
 
-METHODS = ("erm", "midrank", "irdro", "linupper", "quadratic", "extremes", "random")  # the paper's, then followup's
+METHODS = ("erm", "midrank", "irdro") + followup.METHODS  # the paper's, then those beyond it
 
 
 def erm(losses):

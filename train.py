@@ -29,9 +29,10 @@ import torch
 
 import hf
 import prepare_data
-import tokenization
+import reference
 import reweight
 import runtime
+import tokenization
 from model import GPT, IGNORE_INDEX
 from runtime import all_cat, all_max, all_sum, grad_sync, world
 
@@ -120,15 +121,22 @@ def forward_backward(model, batches, method, hparams, ctx, scale=lambda loss: lo
 
     Under torchrun, `batches` are this rank's share (rank r holds samples r*n_r .. (r+1)*n_r - 1 of the step); DDP
     and FSDP average the ranks' gradients, so each rank's loss is multiplied by the world size to turn that mean
-    into the sum. `scale` is the float16 loss scaler's (gradients are linear in it)."""
+    into the sum. `scale` is the float16 loss scaler's (gradients are linear in it). A method that takes `ref_losses`
+    (reference.py) finds this rank's in hparams, in the samples' order: a micro-batch is scored with its own."""
     backward = lambda weighted_loss: scale(weighted_loss * world()[1]).backward()  # noqa: E731
     fn, hp = reweight.method(method, **hparams)
+    ref = hp.pop("ref_losses", None)  # None: the method takes no reference
+    refs = [None] * len(batches) if ref is None else ref.split([len(x) for x, _ in batches])
+    ref_all = None if ref is None else all_cat(ref)  # the whole batch's, aligned with its losses
+    with_ref = lambda r: {} if r is None else dict(ref_losses=r)  # noqa: E731
     if hasattr(fn, "score"):  # softmax(score) was held to the method itself at set-up (cli.check_method)
-        return streamed(model, batches, lambda losses: fn.score(losses, **hp), ctx, backward)
-    return scored(model, batches, lambda losses: reweight.weights(losses, method, **hparams), ctx, backward)
+        score = lambda losses, r: fn.score(losses, **hp, **with_ref(r))  # noqa: E731
+        return streamed(model, batches, refs, ref_all, score, ctx, backward)
+    weigh = lambda losses: reweight.weights(losses, method, **hp, **with_ref(ref_all))  # noqa: E731
+    return scored(model, batches, weigh, ctx, backward)
 
 
-def streamed(model, batches, score, ctx, backward):
+def streamed(model, batches, refs, ref_all, score, ctx, backward):
     """For weights that are a softmax of per-sample scores (ERM: s_i = 0; IR-DRO: s_i = l_i / tau), with
     w_i = exp(s_i) / Z and one normaliser Z = sum_j exp(s_j) over the whole batch,
 
@@ -141,12 +149,12 @@ def streamed(model, batches, score, ctx, backward):
     params = list(model.parameters())  # before any forward: FSDP swaps in gathered parameters during one
     losses, norm = [], 0.0
     top = torch.full((), -math.inf, device=batches[0][0].device)  # made on the device: no copy from the host
-    for i, (x, y) in enumerate(batches):
+    for i, ((x, y), ref) in enumerate(zip(batches, refs)):  # ref: the micro-batch's reference losses, or None
         with grad_sync(model, last=i == len(batches) - 1):
             with ctx:
                 _, loss = model(x, y)
             losses.append(loss.detach())
-            scores = score(loss.detach())
+            scores = score(loss.detach(), ref)
             new_top = torch.maximum(top, all_max(scores.max()))
             if i > 0:  # no .item(): the rescale never waits for the device
                 factor = torch.exp(top - new_top)
@@ -157,7 +165,7 @@ def streamed(model, batches, score, ctx, backward):
             backward((loss * coef).sum())
     torch._foreach_div_([p.grad for p in params if p.grad is not None], all_sum(norm))
     losses = all_cat(torch.cat(losses))
-    return losses, torch.softmax(score(losses), dim=0)
+    return losses, torch.softmax(score(losses, ref_all), dim=0)
 
 
 def scored(model, batches, weigh, ctx, backward):
@@ -237,15 +245,17 @@ def by_sample_wins(model, batches):
 # set-up: everything that can fail on bad input happens here, before any training or writing
 
 def setup(args, size=1, distributed=False):
-    """-> (train data, val data, model, checkpoint or None); `size` processes, started by torchrun if `distributed`."""
+    """-> (train data, val data, model, checkpoint or None, reference or None); `size` processes, started by torchrun
+    if `distributed`."""
     cli.check(args, size, distributed)
     data_dir = prepare_data.ensure_prepared(Path(args.data), size)
     train_data, val_data = (load_split(data_dir, split, args.block_size) for split in ("train", "val"))
     cli.check_data(args, train_data, val_data, data_dir, size)
     model, ckpt = build_model(args, train_data["meta"], data_dir)
+    ref_model = reference.load(args, train_data["meta"], data_dir)  # --ref_model, where the method scores against it
     runtime.check_memory(model, args, size, distributed)  # more than the GPU's free memory: refused, naming flags
     cli.claim_out_dir(args, ckpt)
-    return train_data, val_data, model, ckpt
+    return train_data, val_data, model, ckpt, ref_model
 
 
 def build_model(args, meta, data_dir):
@@ -253,29 +263,17 @@ def build_model(args, meta, data_dir):
     checkpoint (--pretrained), or new. -> (model, checkpoint or None)."""
     ckpt = None
     torch.manual_seed(args.seed)  # the model's initialisation (from scratch) and dropout
-    if args.init_from != "scratch":  # one of our own runs: this one (resume) or an earlier one
-        path = Path(args.out_dir if args.init_from == "resume" else args.init_from) / "ckpt.pt"
-        model, ckpt = runtime.load_model(path, getattr(torch, args.param_dtype))
-        if ckpt.get("tokenizer") != tokenization.tokenizer_id(meta):
-            raise ValueError(f"{path} was trained on {ckpt.get('tokenizer')} tokens but {data_dir} holds "
-                             f"{tokenization.tokenizer_id(meta)} tokens: prepare the data with the model's tokenizer")
-    elif args.pretrained:
-        folder = hf.checkpoint_folder(args.pretrained)
+    if args.init_from != "scratch" or args.pretrained:  # one of our own runs (this one: resume), or a Hugging Face one
+        ours = args.init_from != "scratch"
+        source = (args.out_dir if args.init_from == "resume" else args.init_from) if ours else args.pretrained
         # float32 master weights (or bf16 ones updated with stochastic rounding): AdamW's tiny updates (lr 2e-6)
         # would vanish in bf16 weights rounded to nearest; forward and backward run in bf16 under autocast on GPUs
-        model = hf.load_pretrained(folder, dtype=getattr(torch, args.param_dtype))
-        if tokenization.load_tokenizer(folder).fingerprint != tokenization.tokenizer_id(meta):
-            raise ValueError(f"{data_dir} was tokenized with {meta['tokenizer']}, not with the tokenizer of "
-                             f"{args.pretrained}: run python prepare_data.py --tokenizer {args.pretrained} ...")
+        model, ckpt = reference.load_checked(source, ours, meta, data_dir, args.block_size,
+                                             getattr(torch, args.param_dtype))  # refused unless it reads the data
     else:
         if args.n_embd % args.n_head:
             raise ValueError(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
         model = GPT(cli.scratch_config(args, meta["vocab_size"])).to(getattr(torch, args.param_dtype))
-    if args.block_size > model.config.block_size:
-        raise ValueError(f"--block_size {args.block_size} exceeds the model's {model.config.block_size} positions")
-    if meta["vocab_size"] > model.config.vocab_size:
-        raise ValueError(f"{data_dir} has a vocabulary of {meta['vocab_size']} tokens, the model only "
-                         f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
     model.grad_ckpt, model.loss_chunk = args.grad_ckpt, model.loss_chunk if args.loss_chunk is None else args.loss_chunk
     vars(args).update({f: getattr(model.config, f) for f in cli.MODEL_FLAGS})  # args.json: the model's, not the flags
     return model, ckpt
@@ -319,7 +317,7 @@ def main(argv=None):
     args = cli.get_args(argv)
     distributed = "RANK" in os.environ  # started by torchrun (or another launcher that sets its variables)
     try:
-        train_data, val_data, model, ckpt = setup(args, int(os.environ.get("WORLD_SIZE", "1")), distributed)
+        train_data, val_data, model, ckpt, ref = setup(args, int(os.environ.get("WORLD_SIZE", "1")), distributed)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -330,7 +328,7 @@ def main(argv=None):
     log = runtime.RunLog(Path(args.out_dir), args, resume_step=run.step if args.init_from == "resume" else None)
     log.print(runtime.run_line(model, args, len(train_data["start"]), run.device, run.dtype))
     with runtime.out_of_memory_exits(model, args), runtime.failures_exit():  # OOM, diverged, disk full: exit 2
-        val_loss, sig = train(args, run, train_data, val_data, log)
+        val_loss, sig = train(args, run, train_data, val_data, log, reference.place(ref, run.device, args.compile))
         state = runtime.model_state(model)  # FSDP: a collective; finite: the last checkpoint was of these
         if log.on:
             log.close()
@@ -341,9 +339,9 @@ def main(argv=None):
     return dict(val_loss=val_loss, model=model)
 
 
-def train(args, run, train_data, val_data, log):
-    """The training loop of the placed model `run` (runtime.Placed), from run.step to max_iters. -> (the last val
-    loss, the number of a signal that stopped it)"""
+def train(args, run, train_data, val_data, log, ref_model=None):
+    """The training loop of the placed model `run` (runtime.Placed), from run.step to max_iters, with the reference
+    model of a method that takes one (reference.py). -> (the last val loss, the number of a signal that stopped it)"""
     step, model, optimizer, scaler, device = run.step, run.model, run.optimizer, run.scaler, run.device
     n = args.batch_size * args.grad_accum * world()[1]  # samples in a step, all ranks
     hparams = cli.method_hparams(args)
@@ -372,10 +370,13 @@ def train(args, run, train_data, val_data, log):
         runtime.set_lr(optimizer, lr)
         samples, batches = upcoming or step_batches(train_data, args, step, device)  # this rank's share of samples
         method = args.method if step >= args.reweight_warmup else "erm"  # --reweight_warmup: uniform weights first
-        losses, w = forward_backward(model, batches, method, hparams, run.ctx, scaler.scale)
+        # the reference's losses of this rank's samples, in the steps whose method takes them (not in the warm-up)
+        ref = reference.losses(ref_model, batches, run.ctx) if ref_model and reference.takes(method) else None
+        losses, w = forward_backward(model, batches, method, dict(hparams, ref_losses=ref), run.ctx, scaler.scale)
         upcoming = step_batches(train_data, args, step + 1, device)  # made (and copied) while the device computes
-        host = torch.cat([losses, w, stop.flag(losses)]).cpu()  # the one device sync of the step
-        losses, w, stop.signum = host[:n], host[n:2 * n], int(host[-1])
+        ref_all = [] if ref is None else [all_cat(ref)]  # logged: the whole batch's, as the losses are
+        host = torch.cat([losses, w, *ref_all, stop.flag(losses)]).cpu()  # the one device sync of the step
+        losses, w, ref, stop.signum = host[:n], host[n:2 * n], host[2 * n:-1], int(host[-1])  # ref: none, or n
         docs = train_data["doc"][samples]
         skipped = runtime.step_or_skip(optimizer, scaler, model, args, losses, docs, step, log, skipped)  # non-finite
         dt = time.time() - t0
@@ -388,7 +389,8 @@ def train(args, run, train_data, val_data, log):
         tail = progress.update(record, step, dt, n_tokens, int((w > 0).sum()))  # MFU: the samples trained on
         log.record(record, runtime.step_line(record, args.max_iters, n, tail))
         source = {} if train_data.get("source") is None else dict(source=train_data["source"][samples].tolist())
-        log.weights(dict(step=step, loss=losses.tolist(), weight=w.tolist(), doc=docs.tolist(), **source))
+        reducible = dict(ref_loss=ref.tolist()) if len(ref) else {}  # loss - ref_loss: what the method weighed
+        log.weights(dict(step=step, loss=losses.tolist(), weight=w.tolist(), doc=docs.tolist(), **source, **reducible))
         step += 1
     stop.restore()
     return val_loss, stop.signum

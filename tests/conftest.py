@@ -41,11 +41,26 @@ def tiny_sources_data(tmp_path_factory):
     return prepare_data.prepare(dataset=str(tmp / "in"), out_dir=tmp / "data", val_fraction=0.2)
 
 
+def tiny_run_flags(data, seed=3):
+    return ["--data", str(data), "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+            "--block_size", "32", "--eval_samples", "8", "--device", "cpu", "--no-compile", "--seed", str(seed)]
+
+
 @pytest.fixture
 def tiny_flags(tiny_data):
     """train.py flags for a fast CPU run on the tiny corpus (add --out_dir, --method, ...)."""
-    return ["--data", str(tiny_data), "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
-            "--block_size", "32", "--eval_samples", "8", "--device", "cpu", "--no-compile", "--seed", "3"]
+    return tiny_run_flags(tiny_data)
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(tiny_data, tmp_path_factory):
+    """A reference model for --ref_model: the out_dir of a tiny ERM run of 4 steps on the tiny corpus, from another
+    seed than tiny_flags' runs (its losses are not the trained model's)."""
+    import train
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train.main(tiny_run_flags(tiny_data, seed=11) + ["--method", "erm", "--max_iters", "4", "--warmup_iters", "0",
+                                                     "--lr", "1e-2", "--batch_size", "4", "--out_dir", str(out)])
+    return out
 
 
 # --- checkpoint tokenizer fixtures (a tiny LLaMA-style sentencepiece model), shared by tests ---

@@ -19,6 +19,16 @@ def test_bench_prints_a_ratio_per_method(tiny_data):
     assert rows[1][-2] == "1.000x" and all(float(r[1]) > 0 for r in rows)
 
 
+def test_bench_times_the_methods_against_a_reference_with_its_forward_passes(tiny_data):
+    """rholoss and excess_irdro: a frozen copy of the model is their reference (no --ref_model needed)."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--data", str(tiny_data), "--n_layer", "1",
+                        "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "2",
+                        "--grad_accum", "2", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                        "--methods", "erm", "rholoss", "excess_irdro"], capture_output=True, text=True, check=True)
+    rows = [line.split() for line in p.stdout.splitlines() if line.endswith("x erm")]
+    assert [r[0] for r in rows] == ["mean", "erm", "rholoss", "excess_irdro"] and all(float(r[1]) > 0 for r in rows)
+
+
 FAKE_NANOGPT = '''
 import pickle, sys
 from pathlib import Path

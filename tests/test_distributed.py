@@ -73,6 +73,24 @@ def test_two_processes_take_the_steps_of_one(method, shard, tiny_flags, tmp_path
         assert all(sum(w > 0 for w in r["weight"]) == 1 for r in read_jsonl(two / "weights.jsonl"))
 
 
+@pytest.mark.parametrize("method,shard", [("rholoss", "ddp"), ("excess_irdro", "ddp"),
+                                          pytest.param("excess_irdro", "fsdp", marks=needs_fsdp_on_cpu)])
+def test_two_processes_against_a_reference_take_the_steps_of_one(method, shard, tiny_flags, tiny_ref, tmp_path):
+    """--ref_model: each rank scores its own samples with the reference (whole on every rank, also under FSDP), and
+    the weights are those of the global batch, the ranks' reference losses gathered as their losses are."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = tiny_flags + ["--method", method, *{"rholoss": ["--keep", "0.5"], "excess_irdro": ["--tau", "0.1"]}[method],
+                          "--ref_model", str(tiny_ref)] + STEPS
+    train.main(flags + ["--batch_size", "2", "--grad_accum", "4", "--out_dir", str(one)])
+    res = torchrun(flags + ["--batch_size", "2", "--grad_accum", "2", "--out_dir", str(two)] +
+                   (["--fsdp"] if shard == "fsdp" else []))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(one, two, atol=3e-5)
+    for ra, rb in zip(read_jsonl(one / "weights.jsonl"), read_jsonl(two / "weights.jsonl")):
+        assert len(ra["ref_loss"]) == 8 and torch.allclose(torch.tensor(ra["ref_loss"]), torch.tensor(rb["ref_loss"]),
+                                                           atol=1e-5)
+
+
 @needs_fsdp_on_cpu
 def test_resume_across_world_sizes(tiny_flags, tmp_path):
     """FSDP on 2 processes for 2 steps, DDP on 2 processes for 1 more, 1 process for the last:

@@ -142,12 +142,13 @@ def test_midrank_rejects_bad_fractions(skip, keep):
 @pytest.mark.parametrize("method", reweight.METHODS)
 def test_weights_are_a_distribution_and_permutation_equivariant(method):
     torch.manual_seed(0)
-    losses = torch.rand(32) * 5
+    losses, ref = torch.rand(32) * 5, torch.rand(32) * 5  # ref: a reference model's losses, for the methods taking them
     perm = torch.randperm(32)
-    w = reweight.weights(losses, method, tau=0.7, skip=0.25, keep=0.5)
+    w = reweight.weights(losses, method, tau=0.7, skip=0.25, keep=0.5, ref_losses=ref)
     assert (w >= 0).all() and w.sum().item() == pytest.approx(1.0, abs=1e-6)
     if method != "random":  # a random draw, seeded by the pool's order: another order, another (uniform) draw
-        assert torch.allclose(reweight.weights(losses[perm], method, tau=0.7, skip=0.25, keep=0.5), w[perm])
+        w_perm = reweight.weights(losses[perm], method, tau=0.7, skip=0.25, keep=0.5, ref_losses=ref[perm])
+        assert torch.allclose(w_perm, w[perm])
 
 
 def test_unknown_method():
@@ -159,11 +160,11 @@ def test_unknown_method():
 def test_a_declared_score_is_the_methods_own_softmax(tau):
     """train.py streams a method with a .score as softmax(score): that must be the method itself."""
     torch.manual_seed(0)
-    losses = torch.rand(64) * 8
+    losses, ref = torch.rand(64) * 8, torch.rand(64) * 8
     streamable = [name for name in reweight.METHODS if hasattr(reweight.method(name)[0], "score")]
-    assert streamable == ["erm", "irdro"]
+    assert streamable == ["erm", "irdro", "excess_irdro"]
     for name in streamable:
-        fn, hp = reweight.method(name, tau=tau, skip=0.1, keep=0.5)
+        fn, hp = reweight.method(name, tau=tau, skip=0.1, keep=0.5, ref_losses=ref)
         assert torch.allclose(torch.softmax(fn.score(losses, **hp), dim=0), fn(losses, **hp), rtol=1e-5, atol=1e-8)
 
 
@@ -186,23 +187,25 @@ loss_lists = st.lists(st.floats(0, 1e4, allow_nan=False, width=32), min_size=1, 
        st.randoms(use_true_random=False))
 def test_weights_are_finite_nonnegative_sum_to_one_and_equivariant(losses, tau, method, skip, keep, rnd):
     n = len(losses)
-    if method in ("midrank", "random"):
+    if method in ("midrank", "random", "rholoss"):
         assume(skip + keep <= 1 and math.floor(keep * n + 1e-9) >= 1)
     l = torch.tensor(losses)
-    w = reweight.weights(l, method, tau=tau, skip=skip, keep=keep)
+    # a reference's losses that follow their samples and tie where the losses tie: l - l/2 = l/2, exactly
+    w = reweight.weights(l, method, tau=tau, skip=skip, keep=keep, ref_losses=l / 2)
     assert torch.isfinite(w).all() and (w >= 0).all()
     assert w.sum().item() == pytest.approx(1.0, abs=1e-5)
     perm = list(range(n))
     rnd.shuffle(perm)
-    wp = reweight.weights(l[perm], method, tau=tau, skip=skip, keep=keep)
+    wp = reweight.weights(l[perm], method, tau=tau, skip=skip, keep=keep, ref_losses=l[perm] / 2)
     if method == "random":  # another order draws anew: the same count, the same 1/k
         assert torch.equal(wp.sort().values, w.sort().values)
     elif len(set(losses)) == n:  # ties may be broken either way; otherwise exactly equivariant
         assert torch.allclose(wp, w[perm], atol=1e-6)
     else:
         assert torch.allclose(wp.sort().values, w.sort().values, atol=1e-6)
-    if method == "midrank":
-        assert (w > 0).sum().item() == min(math.floor(keep * n + 1e-9), n - math.floor(skip * n + 1e-9))
+    if method in ("midrank", "rholoss"):  # rholoss: the top floor(keep * n), none skipped
+        n_skip = math.floor(skip * n + 1e-9) if method == "midrank" else 0
+        assert (w > 0).sum().item() == min(math.floor(keep * n + 1e-9), n - n_skip)
 
 
 @settings(max_examples=300, deadline=None)

@@ -1,5 +1,6 @@
 """reweight_followup.py: the follow-up weightings against an independent numpy transcription of their formulas,
-hand-computed cases, and the random control's count, determinism and uniformity."""
+hand-computed cases, the random control's count, determinism and uniformity, and the methods against a reference
+model's losses (rholoss, excess_irdro) against hand-computed weights."""
 
 import math
 
@@ -90,3 +91,46 @@ def test_random_is_uniform_and_blind_to_the_ranking():
     expected, sd = trials * keep, math.sqrt(trials * keep * (1 - keep))
     assert np.abs(by_position - expected).max() < 4.5 * sd
     assert np.abs(by_rank - expected).max() < 4.5 * sd  # unlike MidRanking, the hardest are not singled out
+
+
+# --- against a reference model: the reducible loss l - l_ref ---------------------------------------
+
+def test_rholoss_keeps_the_largest_reducible_losses_by_hand():
+    l = torch.tensor([2.0, 3.0, 2.5, 6.0])
+    ref = torch.tensor([1.0, 2.9, 0.5, 5.5])  # reducible: 1.0, 0.1, 2.0, 0.5
+    assert fu.rholoss(l, 0.5, ref).tolist() == [0.5, 0.0, 0.5, 0.0]  # samples 2 and 0; by the loss: 3 and 1
+    assert fu.rholoss(l, 0.25, ref).tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert fu.rholoss(l, 1.0, ref).tolist() == [0.25] * 4  # keep 1: ERM
+    # ties by position (a stable sort): equal reducible losses keep the earlier samples
+    assert fu.rholoss(torch.tensor([1.0, 2.0, 3.0]), 2 / 3, torch.tensor([0.0, 1.0, 2.0])).tolist() == [0.5, 0.5, 0.0]
+    # a reference of equal losses changes no ranking: MidRanking's hardest floor(keep * n) (skip 0)
+    g = torch.from_numpy(np.random.default_rng(0).gamma(3, 1, 37))
+    assert torch.equal(fu.rholoss(g, 0.3, torch.full((37,), 2.0)), reweight.midrank(g, 0.0, 0.3))
+    with pytest.raises(ValueError, match="keep"):
+        fu.rholoss(l, 0.1, ref)  # floor(0.1 * 4) = 0
+
+
+def test_excess_irdro_is_irdro_of_the_reducible_loss_by_hand():
+    l, ref = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.5, 2.0, 4.5])  # reducible: 0.5, 0, -0.5
+    e = [math.exp(0.5 / 0.5), 1.0, math.exp(-0.5 / 0.5)]
+    assert fu.excess_irdro(l, 0.5, ref).tolist() == pytest.approx([v / sum(e) for v in e], rel=1e-6)
+    assert torch.allclose(fu.excess_irdro(l, 0.5, torch.zeros(3)), reweight.irdro(l, 0.5))  # no reference: IR-DRO
+    assert torch.allclose(fu.excess_irdro(l, 0.5, ref + 7), fu.excess_irdro(l, 0.5, ref))  # a constant shift: none
+    l50, r50 = torch.rand(50) * 8, torch.rand(50) * 3
+    for tau in (0.05, 1.0, 30.0):  # the streamed form train.py trains: softmax of the score
+        assert torch.allclose(torch.softmax(fu.excess_irdro.score(l50, tau, r50), 0), fu.excess_irdro(l50, tau, r50),
+                              rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="tau"):
+        fu.excess_irdro(l, 0.0, ref)
+
+
+def test_the_reference_methods_take_ref_losses_by_name_and_never_cast_down():
+    import reference
+    assert [m for m in reweight.METHODS if reference.takes(m)] == ["rholoss", "excess_irdro"]
+    l, ref = torch.tensor([1.0, 2.0, 4.0, 3.0], dtype=torch.float64), torch.tensor([0.5, 2.0, 1.0, 3.0])
+    fn, hp = reweight.method("rholoss", tau=1.0, keep=0.5, ref_losses=ref)
+    assert fn is fu.rholoss and set(hp) == {"keep", "ref_losses"}
+    assert set(reweight.method("irdro", tau=1.0, keep=0.5, ref_losses=ref)[1]) == {"tau"}  # not passed where not named
+    for name in ("rholoss", "excess_irdro"):  # a float32 reference does not cast a float64 step down
+        assert reweight.weights(l, name, tau=1.0, keep=0.5, ref_losses=ref).dtype == torch.float64
+    assert reweight.weights(l, "rholoss", keep=0.5, ref_losses=ref).tolist() == [0.5, 0.0, 0.5, 0.0]  # 0.5 0 3 0

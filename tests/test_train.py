@@ -67,23 +67,25 @@ def test_a_step_holds_distinct_samples_and_an_epoch_all_but_the_leftover(n, n_sa
 
 # --- exact reweighting over the effective batch ------------------------------
 
-def reference_grads(model, x, y, method, tau, skip, keep):
+def reference_grads(model, x, y, method, tau, skip, keep, ref_losses):
     """Gradient of sum_i w_i l_i with all samples in one batch and w computed here independently."""
     model.zero_grad(set_to_none=True)
     _, loss = model(x, y)
     l = loss.detach().double()
+    reducible = l - ref_losses.double()  # against the reference model's losses (rholoss, excess_irdro)
     if method == "erm":
         w = torch.full_like(l, 1 / len(l))
-    elif method == "irdro":
-        e = torch.exp(l / tau)
+    elif method in ("irdro", "excess_irdro"):
+        e = torch.exp((l if method == "irdro" else reducible) / tau)
         w = e / e.sum()
     elif method in ("linupper", "quadratic", "extremes"):  # the numpy transcription of their formulas
         w = torch.from_numpy(followup_reference(l.numpy(), method, tau))
     elif method == "random":  # which samples is the method's own draw (tested in test_reweight_followup)
         w = reweight_followup.random(l, keep)
-    else:
-        order = sorted(range(len(l)), key=lambda i: -l[i].item())
-        s, k = int(skip * len(l)), int(keep * len(l))
+    else:  # midrank, or rholoss: the top of the reducible losses, none skipped
+        by = l if method == "midrank" else reducible
+        order = sorted(range(len(l)), key=lambda i: -by[i].item())
+        s, k = int(skip * len(l)) if method == "midrank" else 0, int(keep * len(l))
         w = torch.zeros_like(l)
         w[order[s:s + k]] = 1 / k
     (loss * w.float()).sum().backward()
@@ -100,7 +102,8 @@ def step_batch(n=8, seed=0):
     return model, x, y
 
 
-HPARAMS = dict(tau=0.05, skip=0.25, keep=0.5)  # small tau: the weights are far from uniform
+# small tau: the weights are far from uniform; ref_losses: a reference model's, spread enough to reorder the samples
+HPARAMS = dict(tau=0.05, skip=0.25, keep=0.5, ref_losses=torch.tensor([0.06, 0.0, 0.1, 0.02, 0.14, 0.04, 0.12, 0.08]))
 
 
 @pytest.mark.parametrize("method", reweight.METHODS)
@@ -111,6 +114,8 @@ def test_the_naive_step_is_the_gradient_of_the_weighted_loss(method):
     losses, w = train.naive_step(model, x, y, method, HPARAMS)
     assert torch.allclose(w, w_ref, atol=1e-6) and (w.max() > 0.2 or method == "erm")
     assert losses.grad_fn is None and w.grad_fn is None
+    if method == "rholoss":  # the reference's losses reorder the samples: not the hardest by the loss alone
+        assert not torch.equal(w, reweight.midrank(losses, 0.0, HPARAMS["keep"]))
     for p, g in zip(model.parameters(), ref):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
 
@@ -188,7 +193,8 @@ def test_midrank_under_torchrun_keeps_unevenly_over_the_ranks(tiny_flags, tmp_pa
     ("erm", 0.0, None, []), ("irdro", 0.0, None, []),  # streamed: nothing read until the loop reads the step
     ("midrank", 0.0, False, ["nonzero"]),  # which samples are kept, hence how many passes: the one read it needs
     ("midrank", 0.0, True, ["nonzero", "tolist"]),  # by_sample (one micro-batch): which graphs, on the host
-    ("midrank", 0.1, None, ["nonzero", "tolist"])])  # under dropout: which micro-batches to forward again
+    ("midrank", 0.1, None, ["nonzero", "tolist"]),  # under dropout: which micro-batches to forward again
+    ("excess_irdro", 0.0, None, []), ("rholoss", 0.0, False, ["nonzero"])])  # against a reference: as irdro, midrank
 def test_a_step_waits_for_the_device_only_where_the_method_must(method, dropout, by_sample, waits, monkeypatch):
     """The host-device waits of a step (tests/conftest.py HostWaits: reads, value-sized ops, copies of host data),
     counted in forward_backward and the optimizer step (clipped, AdamW); the loop then reads the losses and
@@ -204,10 +210,10 @@ def test_a_step_waits_for_the_device_only_where_the_method_must(method, dropout,
     x, y = torch.randint(64, (8, 16), generator=g), torch.randint(64, (8, 16), generator=g)
     micro = 8 if by_sample else 4  # by_sample takes a step of one micro-batch
     batches = [(x[i:i + micro], y[i:i + micro]) for i in range(0, 8, micro)]
+    hparams = dict(tau=0.5, skip=0.25, keep=0.5, ref_losses=torch.rand(8, generator=g) * 4)  # left on the device
     for step in range(2):
         with HostWaits() as host:
-            losses, w = train.forward_backward(model, batches, method, dict(tau=0.5, skip=0.25, keep=0.5),
-                                               nullcontext(), scaler.scale)
+            losses, w = train.forward_backward(model, batches, method, hparams, nullcontext(), scaler.scale)
             assert runtime.optimizer_step(optimizer, scaler, model.parameters(), grad_clip=1.0)
         optimizer.zero_grad(set_to_none=True)
         assert host.seen == waits, (step, host.seen)
@@ -376,11 +382,13 @@ def test_a_method_added_in_reweight_runs_from_the_command_line(monkeypatch, tiny
 
 
 @pytest.mark.parametrize("method", reweight.METHODS)
-def test_one_step_is_the_same_for_any_micro_batching(method, tiny_flags, tmp_path):
+def test_one_step_is_the_same_for_any_micro_batching(method, tiny_flags, tiny_ref, tmp_path):
+    import reference
+    ref = ["--ref_model", str(tiny_ref)] if reference.takes(method) else []  # rholoss, excess_irdro: a tiny run's
     states = []
     for bs, ga in [(8, 1), (2, 4), (1, 8)]:
         res = run(tiny_flags, tmp_path, f"{bs}x{ga}", "--method", method, "--batch_size", str(bs),
-                  "--grad_accum", str(ga), "--max_iters", "1", "--warmup_iters", "0", "--tau", "0.1")
+                  "--grad_accum", str(ga), "--max_iters", "1", "--warmup_iters", "0", "--tau", "0.1", *ref)
         states.append(res["model"].state_dict())
     # Adam's first step is about lr * g / (|g| + eps): for a gradient entry near eps, float rounding
     # of the accumulation order moves the update by up to ~1e-3 of a step (lr = 1e-3 here)
@@ -465,6 +473,70 @@ def test_weights_jsonl_midrank_frac_portion_is_the_official_band(tiny_flags, tmp
     for r in read_jsonl(tmp_path / "official" / "weights.jsonl"):  # n = 12, c = int(0.25 * 12) = 3: ranks 3..5
         ranked = np.argsort(-np.array(r["loss"]), kind="stable")
         assert np.allclose(np.array(r["weight"])[ranked], [0] * 3 + [1 / 3] * 3 + [0] * 6)
+
+
+# --- scores against a reference model (--ref_model) -------------------------------------------
+
+@pytest.mark.parametrize("method", ["rholoss", "excess_irdro"])
+def test_weights_jsonl_logs_the_reference_losses_the_method_weighed(method, tiny_flags, tiny_ref, tiny_data, tmp_path):
+    """The reference's losses are its own (the frozen model of --ref_model on the step's samples), reach the method
+    aligned with the losses, and are logged (ref_loss) in the steps that use them: none in --reweight_warmup's."""
+    run(tiny_flags, tmp_path, "r", "--method", method, "--keep", "0.5", "--tau", "0.5", "--ref_model", str(tiny_ref),
+        "--max_iters", "3", "--batch_size", "4", "--grad_accum", "2", "--reweight_warmup", "1")
+    records = read_jsonl(tmp_path / "r" / "weights.jsonl")
+    assert "ref_loss" not in records[0] and np.allclose(records[0]["weight"], 1 / 8)  # ERM's warm-up step
+    data, cpu = train.load_split(tiny_data, "train", 32), torch.device("cpu")
+    ref_model = runtime.load_model(tiny_ref / "ckpt.pt")[0].eval()
+    for r in records[1:]:
+        samples = train.step_samples(3, r["step"], 8, len(data["start"]))  # --seed 3 (tiny_flags)
+        with torch.no_grad():
+            ref = ref_model(*train.get_batch(data, samples, 32, cpu))[1]
+        assert np.allclose(r["ref_loss"], ref.numpy(), atol=1e-5)
+        l, ref = torch.tensor(r["loss"]), torch.tensor(r["ref_loss"])
+        if method == "rholoss":  # the top 4 of 8 by the reducible loss
+            expected = torch.zeros(8).index_fill(0, torch.argsort(l - ref, descending=True, stable=True)[:4], 0.25)
+        else:
+            expected = torch.softmax((l - ref) / 0.5, 0)
+        assert np.allclose(r["weight"], expected.numpy(), atol=1e-6)
+    if method == "rholoss":  # the reference changed which samples count: not the 4 highest losses, in some step
+        assert any(set(np.argsort(r["loss"])[4:]) != set(np.flatnonzero(r["weight"])) for r in records[1:])
+
+
+def test_a_reference_model_is_checked_like_the_trained_one(tiny_flags, tiny_ref, tmp_path, capsys):
+    """One line and exit 2: a method against a reference without --ref_model, a --ref_model that is not a model or
+    not of the data's tokens and positions; --ref_model with a method that takes none: warned, ignored."""
+    assert "give --ref_model PATH" in bad_run(tiny_flags, tmp_path, "--method", "rholoss")
+    missing = tmp_path / "no_such_run"
+    assert f"--ref_model {missing}" in bad_run(tiny_flags, tmp_path, "--method", "excess_irdro", "--ref_model",
+                                               str(missing))
+    msg = bad_run(tiny_flags, tmp_path, "--method", "rholoss", "--ref_model", str(tiny_ref), "--block_size", "64")
+    assert msg.startswith(f"train.py: error: --ref_model {tiny_ref}") and "exceeds the model's 32 positions" in msg
+    import cli
+    cli.get_args(["--method", "irdro", "--ref_model", str(tiny_ref)])
+    assert capsys.readouterr().err.strip().splitlines() == [f"{cli.build_parser().prog}: warning: --ref_model does "
+                                                            "not apply to --method irdro (it takes --tau): ignored"]
+    cli.get_args(["--method", "rholoss", "--ref_model", str(tiny_ref), "--tau", "2"])
+    assert "(it takes --keep, --ref_model)" in capsys.readouterr().err
+
+
+def test_a_run_against_a_reference_resumes_with_it(tiny_flags, tiny_ref, tmp_path):
+    """--init_from resume alone goes on with the saved --ref_model, and takes the steps of an unbroken run."""
+    common = ["--method", "excess_irdro", "--tau", "0.5", "--ref_model", str(tiny_ref), "--batch_size", "4",
+              "--eval_interval", "2"]
+    straight = run(tiny_flags, tmp_path, "straight", *common, "--max_iters", "4")["model"].state_dict()
+    run(tiny_flags, tmp_path, "parts", *common, "--max_iters", "2")
+    resumed = run(tiny_flags, tmp_path, "parts", "--init_from", "resume", "--max_iters", "4")["model"].state_dict()
+    assert all(torch.allclose(straight[k], resumed[k], rtol=0, atol=1e-6) for k in straight)
+    assert read_jsonl(tmp_path / "parts" / "weights.jsonl") == read_jsonl(tmp_path / "straight" / "weights.jsonl")
+
+
+def test_a_hugging_face_reference_must_have_the_datas_tokenizer(tiny_flags, tiny_llama_ckpt, tiny_llama_data,
+                                                                 tmp_path):
+    msg = bad_run(tiny_flags, tmp_path, "--method", "rholoss", "--ref_model", str(tiny_llama_ckpt))
+    assert f"--ref_model {tiny_llama_ckpt}" in msg and "not with the tokenizer of" in msg
+    run(tiny_flags + ["--data", str(tiny_llama_data)], tmp_path, "hf", "--method", "excess_irdro", "--ref_model",
+        str(tiny_llama_ckpt), "--max_iters", "2", "--batch_size", "4")
+    assert all(len(r["ref_loss"]) == 8 for r in read_jsonl(tmp_path / "hf" / "weights.jsonl"))
 
 
 def test_training_lowers_the_val_loss_and_logs_every_step(tiny_flags, tmp_path):
@@ -639,9 +711,9 @@ def test_a_float64_model_is_never_cast_down(tiny_data):
     assert l.dtype == torch.float64 and val == pytest.approx(l.sum().item() / 6, rel=1e-14)
     model.train()
     x, y = train.get_batch(data, samples[:4], 16, cpu)
+    hparams = dict(tau=0.5, skip=0.25, keep=0.5, ref_losses=torch.rand(4))  # a float32 reference: no cast down either
     for method in reweight.METHODS:
-        losses, w = train.forward_backward(model, [(x[:2], y[:2]), (x[2:], y[2:])], method, dict(tau=0.5, skip=0.25,
-                                           keep=0.5), nullcontext())
+        losses, w = train.forward_backward(model, [(x[:2], y[:2]), (x[2:], y[2:])], method, hparams, nullcontext())
         assert losses.dtype == w.dtype == torch.float64 and all(p.grad.dtype == torch.float64
                                                                 for p in model.parameters())
         model.zero_grad(set_to_none=True)
