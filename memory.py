@@ -11,7 +11,6 @@ naming the first flags that fit (`remedy`). Nothing here touches a device: the m
 """
 
 import argparse
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -56,6 +55,7 @@ class Run:
     fsdp: bool = False
     world: int = 1                # processes; under FSDP weights, gradients and optimizer state are split over them
     loss_chunk: int = None        # tokens per chunk of the loss (0: all at once); None: the model's own
+    reference_params: int = 0     # a frozen reference model's (--ref_model): its weights alone, whole on every process
 
     @classmethod
     def from_args(cls, args, dtype, world=1):
@@ -81,10 +81,12 @@ class Memory:
     other_activations: int  # the same with --grad_ckpt the other way round (said in the summary)
     loss: int               # the loss's transient peak (LOSS_BYTES_PER_LOGIT)
     run: Run
+    reference: int = 0      # a reference model's weights (--ref_model), in param_dtype
 
     @property
     def total(self):
-        return self.weights + self.grads + self.optimizer + self.weight_copies + self.activations + self.loss
+        return (self.weights + self.grads + self.optimizer + self.weight_copies + self.activations + self.loss
+                + self.reference)
 
     def summary(self):
         """One line: 'memory: weights 2.5 GiB + grads 2.5 GiB + AdamW 5.0 GiB + ... = 13.1 GiB'."""
@@ -96,7 +98,8 @@ class Memory:
         return (f"memory: weights {size(self.weights)} + grads {size(self.grads)} + "
                 f"{OPTIMIZER_NAMES.get(r.optim, r.optim)} {size(self.optimizer)}{copies} + activations "
                 f"{size(self.activations)} per micro-batch of {r.batch_size} x {r.block_size} "
-                f"({size(self.other_activations)} {ckpt} --grad_ckpt) + loss {size(self.loss)} = {size(self.total)}"
+                f"({size(self.other_activations)} {ckpt} --grad_ckpt) + loss {size(self.loss)}"
+                + (f" + reference model {size(self.reference)}" if self.reference else "") + f" = {size(self.total)}"
                 f"{fsdp}, by the arithmetic")
 
 
@@ -226,14 +229,13 @@ def estimate(model, run):
     a = BYTES[run.dtype] if run.dtype != "float32" else p  # no autocast: the weights' dtype throughout
     numels = parameters(model)
     shard = lambda n: -(-n // run.shards)  # noqa: E731  (FSDP: each process holds 1/world, rounded up)
-    tokens = run.batch_size * run.block_size
     chunk = getattr(model, "loss_chunk", 0) if run.loss_chunk is None else run.loss_chunk
     acts = {ckpt: sum(activation_bytes(c, run, p, a, ckpt).values()) for ckpt in (False, True)}
     return Memory(weights=shard(sum(numels) * p), grads=shard(sum(numels) * p),
                   optimizer=shard(optimizer_bytes(numels, run.optim, p)),
                   weight_copies=weight_copy_bytes(model, run, p, a), activations=acts[run.grad_ckpt],
                   other_activations=acts[not run.grad_ckpt],
-                  loss=loss_bytes(model, run, a, chunk), run=run)
+                  loss=loss_bytes(model, run, a, chunk), run=run, reference=run.reference_params * p)
 
 
 def fits(memory, available):

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -693,13 +693,19 @@ def to_device(t, device):
     return t.to(device)
 
 
-def run_line(raw_model, args, n_train, device, dtype):
+def memory_run(args, dtype, size, reference=None):
+    """memory.Run of train.py's flags for `size` processes, with a reference model's weights (--ref_model) if any."""
+    n_ref = sum(p.numel() for p in reference.parameters()) if reference is not None else 0
+    return replace(memory.Run.from_args(args, dtype, size), reference_params=n_ref)
+
+
+def run_line(raw_model, args, n_train, device, dtype, reference=None):
     """The run in two lines: what it trains on what, and the memory it needs (memory.py)."""
     n = args.batch_size * args.grad_accum * world()[1]
     return (f"{raw_model.num_params() / 1e6:.2f}M parameters | {args.method} | {n_train} train samples | effective "
             f"batch {n} = {args.batch_size} x {args.grad_accum} x {world()[1]} processes | {device} {dtype}"
             + (" | FSDP" if args.fsdp else "") + "\n"
-            + memory.estimate(raw_model, memory.Run.from_args(args, dtype, world()[1])).summary())
+            + memory.estimate(raw_model, memory_run(args, dtype, world()[1], reference)).summary())
 
 
 def step_line(record, max_iters, n, tail):
@@ -723,13 +729,13 @@ def free_memory(device):
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
-def check_memory(model, args, size, distributed):
+def check_memory(model, args, size, distributed, reference=None):
     """ValueError (one line) where the run's need by the arithmetic, plus memory.MARGIN, exceeds the free memory of
     its CUDA device, naming the first flags that fit (memory.remedy). Under torchrun each process checks its GPU."""
     device = pick_device(args.device)
     if distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    run = memory.Run.from_args(args, pick_dtype(args.dtype, device), size)
+    run = memory_run(args, pick_dtype(args.dtype, device), size, reference)
     need, free = memory.estimate(model, run), free_memory(device)
     if free is not None and not memory.fits(need, free):
         raise ValueError(f"this run needs {memory.size(need.total * (1 + memory.MARGIN))} on {device} ("

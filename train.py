@@ -245,15 +245,14 @@ def by_sample_wins(model, batches):
 # set-up: everything that can fail on bad input happens here, before any training or writing
 
 def setup(args, size=1, distributed=False):
-    """-> (train data, val data, model, checkpoint or None, reference or None); `size` processes, started by torchrun
-    if `distributed`."""
+    """-> (train data, val data, model, checkpoint or None, reference or None) of a run of `size` processes."""
     cli.check(args, size, distributed)
     data_dir = prepare_data.ensure_prepared(Path(args.data), size)
     train_data, val_data = (load_split(data_dir, split, args.block_size) for split in ("train", "val"))
     cli.check_data(args, train_data, val_data, data_dir, size)
     model, ckpt = build_model(args, train_data["meta"], data_dir)
     ref_model = reference.load(args, train_data["meta"], data_dir)  # --ref_model, where the method scores against it
-    runtime.check_memory(model, args, size, distributed)  # more than the GPU's free memory: refused, naming flags
+    runtime.check_memory(model, args, size, distributed, ref_model)  # more than the GPU's free memory: refused
     cli.claim_out_dir(args, ckpt)
     return train_data, val_data, model, ckpt, ref_model
 
@@ -326,7 +325,7 @@ def main(argv=None):
         sys.exit(130)
     run = runtime.place(model, ckpt, args, distributed)  # device, precision, DDP/FSDP, AdamW; resumed: their state
     log = runtime.RunLog(Path(args.out_dir), args, resume_step=run.step if args.init_from == "resume" else None)
-    log.print(runtime.run_line(model, args, len(train_data["start"]), run.device, run.dtype))
+    log.print(runtime.run_line(model, args, len(train_data["start"]), run.device, run.dtype, ref))
     with runtime.out_of_memory_exits(model, args), runtime.failures_exit():  # OOM, diverged, disk full: exit 2
         val_loss, sig = train(args, run, train_data, val_data, log, reference.place(ref, run.device, args.compile))
         state = runtime.model_state(model)  # FSDP: a collective; finite: the last checkpoint was of these

@@ -376,3 +376,25 @@ def test_out_of_memory_in_a_step_is_one_line_exit_2_and_the_checkpoint_intact(ti
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
     assert sorted(p.name for p in out.glob("ckpt*")) == ["ckpt-0000002.pt", "ckpt.pt"] and not (out / "hf").exists()
 
+
+
+def test_a_reference_model_is_counted_in_the_memory_a_run_needs(tiny_flags, tiny_ref, tmp_path, monkeypatch, capsys):
+    """--ref_model: the frozen reference's weights (param_dtype, whole on every process) are part of the need, in
+    the printed line and in the refusal: a run that fits without them and not with them is refused."""
+    flags = tiny_flags + ["--out_dir", str(tmp_path / "o"), "--method", "rholoss", "--keep", "0.5",
+                          "--ref_model", str(tiny_ref), "--max_iters", "1"]
+    args = train.cli.get_args(flags)
+    meta = train.load_split(train.Path(args.data), "train", 32)["meta"]
+    model, ref = train.build_model(args, meta, None)[0], train.reference.load(args, meta, None)
+    alone = memory.estimate(model, Run.from_args(args, "float32"))
+    need = memory.estimate(model, runtime.memory_run(args, "float32", 1, ref))
+    n_ref = sum(p.numel() for p in ref.parameters())
+    assert need.reference == 4 * n_ref and need.total == alone.total + 4 * n_ref  # float32 weights, nothing else
+    assert f"+ reference model {memory.size(4 * n_ref)} = {memory.size(need.total)}" in need.summary()
+    monkeypatch.setattr(runtime, "free_memory", lambda device: int(alone.total * (1 + memory.MARGIN)) + 1)
+    with pytest.raises(SystemExit) as e:
+        train.main(flags)
+    assert e.value.code == 2 and "train.py: error: this run needs " in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 10 * need.total)
+    train.main(flags)
+    assert "+ reference model " in capsys.readouterr().out
