@@ -2,7 +2,7 @@
 The study: what ERM, MidRanking, IR-DRO and the follow-up weightings do in a small controlled
 continual-training experiment, and when it helps (issues 8 and 16; results and their reading in RESULTS.md).
 
-    python study.py                          # the full study: 3 seeds x 13 methods -> out/study (RESULTS.md: time)
+    python study.py                          # the full study: 3 seeds x 15 methods -> out/study (RESULTS.md: time)
     python study.py --quick --out_dir DIR    # the whole pipeline in about a minute (tiny model, few steps)
 
 The experiment, all on data vendored in assets/ (offline):
@@ -12,17 +12,23 @@ The experiment, all on data vendored in assets/ (offline):
      highest loss), corrupt = copies of clean scenes with a fraction of their words moved (whitespace kept:
      wrong, but with a loss inside the hard group's range, so no loss ranking can tell it from hard data).
      Some scenes and some Milton sections are held out as the two validation sets; no run trains on them.
-  2. per seed, a base model: pretrained with ERM on the clean training scenes only (it never sees Milton).
+  2. per seed, a base model: pretrained with ERM on the clean training scenes only (it never sees Milton); and
+     a reference model for the two methods that score against one: that base continued with ERM, for as many
+     steps and at the lr of a continual run, on the clean training scenes that no mix document is or is made
+     from (data/reference/scenes.json; 56 of the 133 with the default --mix, one more in its unused val split),
+     so disjoint from the mix and from both val sets.
   3. per seed and method, continual training from that base on the mix of the four groups (known
      proportions, every document's group recorded), with the same steps, lr and batches for every method
      (the data of step k is a function of (seed, k, n) in train.py); the random control draws its half from
      the same batches.
   4. per run: the final model's val loss on both held-out sets, and from weights.jsonl the share of the
      total weight that the method put on each group.
-  5. out_dir/results.json (every number, per seed), results.md (the tables), study.png (the figure).
+  5. out_dir/results.json (every number, per seed, the references' val losses included), results.md (the
+     tables), study.png (the figure).
 The methods: the paper's (ERM, MidRanking, IR-DRO, reweight.py) and the follow-up ones of Sow et al.
 (linupper, quadratic = the official code's "peaked", extremes; and the exact random control,
-reweight_followup.py).
+reweight_followup.py), and two against the reference (RHO-LOSS's selection and IR-DRO on the reducible loss
+l - l_ref, reweight_followup.py: rholoss, excess_irdro), whose runs start once their seed's reference is done.
 
 Tokens are characters, not GPT-2 BPE: the 50k-way softmax of GPT-2's vocabulary is most of a training step
 on a CPU (README, Results), while a 77-symbol vocabulary lets a 0.4M-parameter model learn real structure
@@ -51,6 +57,7 @@ import torch
 
 import cli
 import prepare_data
+import reference
 import tokenization
 import reweight
 import train
@@ -62,7 +69,8 @@ GROUPS = ("clean", "hard", "noise", "corrupt")
 CORRUPT_WORDS = 0.7  # the fraction of a corrupt document's words that are moved: tuned on a base model, RESULTS.md
 
 # Full study and --quick: the flags the user leaves out. The full study took 34.2 minutes on 2 shared CPU cores
-# (RESULTS.md); --quick only checks that the pipeline works (its numbers mean little).
+# (RESULTS.md), before the references and their two methods; --quick only checks that the pipeline works (its
+# numbers mean little).
 FULL = dict(seeds=[1, 2, 3], n_layer=2, n_head=4, n_embd=128, block_size=128, batch_size=32, base_iters=800,
             base_lr=3e-3, iters=200, lr=1e-3, eval_samples=0)
 QUICK = dict(seeds=[1, 2], n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=16, base_iters=300,
@@ -76,7 +84,9 @@ def methods(n):
     loss-based noise filter that keeps nearly all the data. The follow-up weightings (Sow et al.) take tau
     0.3: their score f(x) spans [0, 1], so the heaviest sample of a pool weighs up to exp(1/0.3) = 28 times
     the lightest, about what IR-DRO tau 1 gives over a pool's loss range of ~3.5 nats (noise to clean);
-    quadratic (the official code's "peaked") also at tau 1, a mild exp(1) = 2.7."""
+    quadratic (the official code's "peaked") also at tau 1, a mild exp(1) = 2.7. The last two score the
+    reducible loss l - l_ref against the seed's reference (jobs() adds their --ref_model): RHO-LOSS keeps the
+    same half as MidRanking, excess IR-DRO takes IR-DRO's tau 1."""
     k = reweight.midrank_counts(n, 0.125, 0.5)[1]
     return [
         ("ERM", ["--method", "erm"]),
@@ -92,6 +102,8 @@ def methods(n):
         ("quadratic tau 0.3", ["--method", "quadratic", "--tau", "0.3"]),
         ("quadratic tau 1", ["--method", "quadratic", "--tau", "1"]),
         ("extremes tau 0.3", ["--method", "extremes", "--tau", "0.3"]),
+        ("RHO-LOSS keep 0.5", ["--method", "rholoss", "--keep", "0.5"]),
+        ("excess IR-DRO tau 1", ["--method", "excess_irdro", "--tau", "1"]),
     ]
 
 
@@ -186,22 +198,45 @@ def prepare(out_dir, mix, corrupt_words=CORRUPT_WORDS, seed=1337):
     n_clean, n_noise, n_corrupt = (round(len(hard_ids) * share / mix[1]) for share in (mix[0], mix[2], mix[3]))
     if n_clean > len(clean_ids):
         raise ValueError(f"--mix asks for {n_clean} clean scenes but only {len(clean_ids)} are not held out")
-    docs = ([("clean", clean_src[i]) for i in sorted(rng.sample(clean_ids, n_clean))]
-            + [("hard", hard_src[i]) for i in hard_ids])
+    mix_clean = sorted(rng.sample(clean_ids, n_clean))
+    docs = [("clean", clean_src[i]) for i in mix_clean] + [("hard", hard_src[i]) for i in hard_ids]
     sources = [r for _, r in docs]  # noise: shuffled copies of real training documents, clean or hard
     docs += [("noise", dict(text=shuffled(r["text"], rng), title=r["title"] + " (shuffled)"))
              for r in rng.choices(sources, k=n_noise)]
     # corrupt: clean training scenes (any, the base model's own) with a fraction of their words moved
+    corrupt_src = rng.choices(clean_ids, k=n_corrupt)
     docs += [("corrupt", dict(text=corrupted(clean_src[i]["text"], corrupt_words, rng),
                               title=clean_src[i]["title"] + " (words shuffled)"))
-             for i in rng.choices(clean_ids, k=n_corrupt)]
+             for i in corrupt_src]
     data.mkdir(parents=True, exist_ok=True)
     with open(data / "mix.jsonl", "w") as f:
         f.writelines(json.dumps(dict(text=r["text"], title=f"{group}: {r['title']}")) + "\n" for group, r in docs)
     # train.py needs a val split; the smallest one (1-2 documents) is all it takes, and it is never used
     mixed = prepare_data.prepare(str(data / "mix.jsonl"), data / "mix", val_fraction=0.01, seed=seed, tokenizer=tok)
     (mixed / "groups.json").write_text(json.dumps([g for g, _ in docs]) + "\n")
-    return clean, hard, mixed
+    held_out = sorted(set(clean_ids) - set(mix_clean) - set(corrupt_src))
+    if len(held_out) < 2:  # one to train the reference on, one for train.py's val split
+        raise ValueError(f"--mix leaves {len(held_out)} of the {len(clean_ids)} clean training scenes out of the mix "
+                         "for the reference model, which needs 2: lower the clean or corrupt share")
+    return clean, hard, mixed, prepare_reference(data, clean_src, held_out, tok, seed)
+
+
+def prepare_reference(data, clean_src, held_out, tok, seed):
+    """data/reference/: the reference models' data, the clean training scenes that no document of the mix is or is
+    made from (not a clean scene of the mix, not the source of a corrupt copy; noise copies only mix documents), so
+    its own training steps see none of the mix's documents (its start, the base, has seen every clean training
+    scene, as every continual run's start has) and no scene of either val set (clean/'s val scenes are not clean
+    training scenes). train.py needs a val split: one scene (val_fraction 0.01) lands in it, unused,
+    as in mix/. scenes.json: the clean corpus's ids (clean/titles.json) of the scenes it trains on, and of that one."""
+    with open(data / "reference.jsonl", "w") as f:
+        f.writelines(json.dumps(dict(text=clean_src[i]["text"], title=clean_src[i]["title"])) + "\n" for i in held_out)
+    ref = prepare_data.prepare(str(data / "reference.jsonl"), data / "reference", val_fraction=0.01, seed=seed,
+                               tokenizer=tok)
+    # the folder's own ids index reference.jsonl, i.e. held_out
+    train_ids, val_ids = (np.load(ref / f"{split}_docs.npz")["ids"].tolist() for split in ("train", "val"))
+    (ref / "scenes.json").write_text(json.dumps(dict(train=[held_out[i] for i in train_ids],
+                                                     unused_val=[held_out[i] for i in val_ids])) + "\n")
+    return ref
 
 
 # -----------------------------------------------------------------------------
@@ -244,7 +279,8 @@ def weight_shares(run_dir, groups):
 def run(job):
     """One train.py run (in a worker process), its stdout in <out_dir>/stdout.log; then the final model's val
     losses and, for a continual run, where its weight went. The continual runs' checkpoints are deleted
-    (only their logs are needed, and there are dozens); the base's stays, the others start from it."""
+    (only their logs are needed, and there are dozens); the base's stays, the others start from it, and so does
+    the reference's, the runs against it read it."""
     torch.set_num_threads(job["threads"])
     out = Path(job["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -262,50 +298,63 @@ def run(job):
     return res
 
 
-def jobs(args, clean, hard, mixed):
-    """The base run of every seed, and the continual runs that start from it."""
+def jobs(args, clean, hard, mixed, ref_data):
+    """The base run of every seed, its reference and the continual runs. The reference is the seed's base model
+    continued with ERM on the held-out clean scenes of ref_data, for as many steps and at the same lr as a
+    continual run: the same model and budget as the runs it scores for, only on clean data none of them sees. The
+    runs of a method that scores against a reference (reference.takes) get --ref_model: the seed's."""
     common = dict(threads=args.threads, clean=str(clean), hard=str(hard), block_size=args.block_size,
                   eval_samples=args.eval_samples, device=args.device)
     flags = ["--device", args.device, "--no-compile", "--block_size", str(args.block_size),
              "--batch_size", str(args.batch_size), "--grad_accum", "1", "--keep_last", "1", "--dropout", "0"]
     out = Path(args.out_dir)
-    bases, runs = {}, {}
+    bases, refs, runs = {}, {}, {}
     for seed in args.seeds:
-        base = out / f"seed{seed}" / "base"
+        base, ref = out / f"seed{seed}" / "base", out / f"seed{seed}" / "reference"
         bases[seed] = dict(common, out_dir=str(base), argv=flags + [
             "--data", str(clean), "--method", "erm", "--seed", str(seed), "--n_layer", str(args.n_layer),
             "--n_head", str(args.n_head), "--n_embd", str(args.n_embd), "--max_iters", str(args.base_iters),
             "--lr", str(args.base_lr), "--eval_interval", str(args.base_iters), "--eval_samples", "128"])
+        continual = flags + ["--init_from", str(base), "--seed", str(seed), "--max_iters", str(args.iters),
+                             "--lr", str(args.lr), "--schedule", "constant", "--warmup_iters", "0",
+                             "--eval_interval", str(max(args.iters, 1)), "--eval_samples", "8"]
+        refs[seed] = dict(common, out_dir=str(ref), argv=continual + ["--data", str(ref_data), "--method", "erm"])
         runs[seed] = [(name, dict(common, out_dir=str(out / f"seed{seed}" / f"m{i}"), groups=str(mixed / "groups.json"),
-                                  argv=flags + ["--data", str(mixed), "--init_from", str(base), "--seed", str(seed),
-                                                "--max_iters", str(args.iters), "--lr", str(args.lr),
-                                                "--schedule", "constant", "--warmup_iters", "0",
-                                                "--eval_interval", str(max(args.iters, 1)), "--eval_samples", "8"]
-                                  + m_flags))
+                                  argv=continual + ["--data", str(mixed)] + m_flags
+                                  + (["--ref_model", str(ref)] if reference.takes(m_flags[1]) else [])))
                       for i, (name, m_flags) in enumerate(methods(args.batch_size))]
-    return bases, runs
+    return bases, refs, runs
 
 
-def run_all(args, bases, runs):
-    """Every base first, then each seed's continual runs as soon as its base is done, --jobs at a time.
-    Returns {seed: base result}, {seed: {method: result}}."""
-    base_res, run_res = {}, {seed: {} for seed in runs}
+def needs_reference(job):
+    return "--ref_model" in job["argv"]
+
+
+def run_all(args, bases, refs, runs):
+    """Every base first; as soon as a seed's base is done, its reference and its continual runs that need none
+    (the reference first: a run against it waits for it), and those that need it when it is done; --jobs at a
+    time. Returns {seed: base result}, {seed: reference result}, {seed: {method: result}}."""
+    base_res, ref_res, run_res = {}, {}, {seed: {} for seed in runs}
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        pending = {pool.submit(run, job): (seed, None) for seed, job in bases.items()}
+        pending = {pool.submit(run, job): (seed, "base") for seed, job in bases.items()}
         while pending:
             done = next(as_completed(pending))
             seed, name = pending.pop(done)
             res = done.result()
-            if name is None:
+            if name == "base":
                 base_res[seed] = res
-                pending.update({pool.submit(run, job): (seed, m) for m, job in runs[seed]})
+                pending[pool.submit(run, refs[seed])] = (seed, "reference")
+                pending.update({pool.submit(run, job): (seed, m) for m, job in runs[seed] if not needs_reference(job)})
+            elif name == "reference":
+                ref_res[seed] = res
+                pending.update({pool.submit(run, job): (seed, m) for m, job in runs[seed] if needs_reference(job)})
             else:
                 run_res[seed][name] = res
-            print(f"seed {seed} {name or 'base'}: val clean {res['val_clean']:.4f} hard {res['val_hard']:.4f}"
+            print(f"seed {seed} {name}: val clean {res['val_clean']:.4f} hard {res['val_hard']:.4f}"
                   + (f" | weight on noise {res['share']['noise']:.3f} corrupt {res['share']['corrupt']:.3f}"
                      if "share" in res else "")
                   + f" | {res['seconds']:.0f} s", flush=True)
-    return base_res, run_res
+    return base_res, ref_res, run_res
 
 
 # -----------------------------------------------------------------------------
@@ -359,7 +408,7 @@ def write_table(rows, results, path):
         lines.append(f"| {r['method']} | {pm(r['val_clean'])} | {pm(r['delta_val_clean'], sign=True)} | "
                      f"{pm(r['val_hard'])} | {pm(r['delta_val_hard'], sign=True)} | " + " | ".join(shares) + " |")
     lines += ["", ("Samples seen in continual training (ERM's weight shares, by construction): "
-                   + ", ".join(f"{g} {seen[g][0]:.1%}" for g in GROUPS) + "."), "",
+                   + ", ".join(f"{g} {seen[g][0]:.1%}" for g in GROUPS) + "."), *reference_line(results), "",
               "Mean per-sample training loss of each group over all steps (from weights.jsonl; mean over seeds):", "",
               "| method | " + " | ".join(GROUPS) + " |", "|---|" + "---|" * len(GROUPS)]
     for name, _ in results["methods"]:
@@ -378,6 +427,18 @@ def write_table(rows, results, path):
               f"Command: `{results['command']}`"]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def reference_line(results):
+    """The reference models' own val losses (a line of results.md; none in a results.json from before them)."""
+    if not results.get("reference"):
+        return []
+    ref, d = results["reference"], results["reference_data"]
+    val = {k: mean_std([ref[s][f"val_{k}"] for s in sorted(ref, key=int)]) for k in ("clean", "hard")}
+    return ["", (f"Reference model of RHO-LOSS and excess IR-DRO, per seed: the base model continued with ERM for "
+                 f"{d['steps']} steps at lr {d['lr']:g} on the {len(d['train'])} held-out clean training scenes that "
+                 f"are neither in the mix nor the source of a corrupt copy (nor in a val set): val loss clean "
+                 f"{pm(val['clean'])}, hard {pm(val['hard'])}.")]
 
 
 def plot(rows, path):
@@ -439,19 +500,21 @@ def main(argv=None):
     t0 = time.time()
     out = Path(args.out_dir)
     try:
-        clean, hard, mixed = prepare(out, args.mix, args.corrupt_words)
+        clean, hard, mixed, ref_data = prepare(out, args.mix, args.corrupt_words)
     except ValueError as e:  # prepare_data's DataError included
         print(f"study.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    bases, runs = jobs(args, clean, hard, mixed)
-    print(f"{len(bases)} base models and {sum(map(len, runs.values()))} continual runs, {args.jobs} at a time "
-          f"(each run's log: {out}/seed*/*/stdout.log)", flush=True)
-    base_res, run_res = run_all(args, bases, runs)
+    bases, refs, runs = jobs(args, clean, hard, mixed, ref_data)
+    print(f"{len(bases)} base models, {len(refs)} references and {sum(map(len, runs.values()))} continual runs, "
+          f"{args.jobs} at a time (each run's log: {out}/seed*/*/stdout.log)", flush=True)
+    base_res, ref_res, run_res = run_all(args, bases, refs, runs)
     results = dict(command=" ".join(["python study.py", *(sys.argv[1:] if argv is None else argv)]),
                    args=vars(args), machine=machine(), seconds=time.time() - t0,
                    methods=[(name, flags) for name, flags in methods(args.batch_size)],
                    run_dirs={name: Path(job["out_dir"]).name for name, job in runs[args.seeds[0]]},
-                   base=base_res, runs=run_res)
+                   base=base_res, runs=run_res, reference=ref_res,
+                   reference_data=dict(json.loads((ref_data / "scenes.json").read_text()),
+                                       steps=args.iters, lr=args.lr))
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report(results, out)
     print((out / "results.md").read_text())

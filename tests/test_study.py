@@ -22,7 +22,8 @@ ROOT = train.Path(train.__file__).parent
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One quick study (2 seeds, 13 methods, a tiny model, 10 continual steps), run as a user runs it."""
+    """One quick study (2 seeds, a base and a reference each, 15 methods, a tiny model, 10 continual steps), run as a
+    user runs it."""
     out = tmp_path_factory.mktemp("study")
     p = subprocess.run([sys.executable, str(ROOT / "study.py"), "--quick", "--out_dir", str(out)],
                        capture_output=True, text=True, timeout=900)
@@ -37,9 +38,12 @@ def records(path):
 def test_every_run_of_every_seed_is_reported(quick):
     out, res = quick
     names = [name for name, _ in res["methods"]]
-    assert len(names) == 13 and names[0] == "ERM"
-    assert {"linupper tau 0.3", "quadratic tau 0.3", "extremes tau 0.3", "random 8 of 16 (same pool)"} <= set(names)
-    assert sorted(res["base"]) == sorted(res["runs"]) == ["1", "2"]
+    assert len(names) == 15 and names[0] == "ERM"
+    assert {"linupper tau 0.3", "quadratic tau 0.3", "extremes tau 0.3", "random 8 of 16 (same pool)",
+            "RHO-LOSS keep 0.5", "excess IR-DRO tau 1"} <= set(names)
+    assert sorted(res["base"]) == sorted(res["reference"]) == sorted(res["runs"]) == ["1", "2"]
+    for r in res["reference"].values():
+        assert np.isfinite([r["val_clean"], r["val_hard"]]).all()
     for seed in res["runs"]:
         assert sorted(res["runs"][seed]) == sorted(names)
         for name in names:
@@ -50,6 +54,9 @@ def test_every_run_of_every_seed_is_reported(quick):
     assert all(f"| {name} |" in table for name in names + ["base model (no continual training)"])
     assert "wall time" in table and "python study.py --quick" in table
     assert "| on noise | on corrupt |" in table and "| clean | hard | noise | corrupt |" in table
+    ref = {k: study.mean_std([r[f"val_{k}"] for r in res["reference"].values()]) for k in ("clean", "hard")}
+    assert (f"on the {len(res['reference_data']['train'])} held-out clean training scenes" in table
+            and f"val loss clean {study.pm(ref['clean'])}, hard {study.pm(ref['hard'])}." in table)
 
 
 def group_of(out):
@@ -136,6 +143,54 @@ def test_held_out_documents_are_never_trained_on(quick):
     assert json.loads((out / "seed1" / "base" / "args.json").read_text())["segments"][0]["args"]["data"] == str(data / "clean")
 
 
+def test_reference_data_is_the_clean_training_scenes_the_mix_does_not_use(quick):
+    """The reference's scenes, the mix's documents (and the sources of its noise and corrupt copies) and both val
+    sets are pairwise disjoint; together with the mix's clean and corrupt sources, the reference's scenes (and the
+    one in its unused val split) are all the clean training scenes."""
+    out, res = quick
+    data = out / "data"
+
+    def titles(name, split):
+        every = json.loads((data / name / "titles.json").read_text())
+        return {every[i] for i in np.load(data / name / f"{split}_docs.npz")["ids"]}
+
+    mix = {re.sub(r" \((words )?shuffled\)$", "", t.split(": ", 1)[1]) for t in titles("mix", "train") | titles("mix", "val")}
+    ref, unused = titles("reference", "train"), titles("reference", "val")
+    assert ref and len(unused) == 1 and not ref & unused
+    assert not (ref | unused) & mix and not (ref | unused) & titles("clean", "val") and not (ref | unused) & titles("hard", "val")
+    assert ref | unused | (mix & titles("clean", "train")) == titles("clean", "train")
+    scenes = json.loads((data / "reference" / "scenes.json").read_text())  # the clean corpus's ids of those scenes
+    clean_titles = json.loads((data / "clean" / "titles.json").read_text())
+    assert {clean_titles[i] for i in scenes["train"]} == ref and {clean_titles[i] for i in scenes["unused_val"]} == unused
+    assert res["reference_data"] == dict(scenes, steps=res["args"]["iters"], lr=res["args"]["lr"])
+    for seed in res["reference"]:  # the seed's base continued with ERM on them, as many steps as a continual run
+        seg = json.loads((out / f"seed{seed}" / "reference" / "args.json").read_text())["segments"][0]["args"]
+        assert (seg["data"], seg["init_from"], seg["method"]) == (str(data / "reference"), str(out / f"seed{seed}" / "base"), "erm")
+        assert len(records(out / f"seed{seed}" / "reference" / "weights.jsonl")) == res["args"]["iters"]
+
+
+def test_runs_against_the_reference_weigh_the_reducible_loss_of_their_seeds_reference(quick):
+    """RHO-LOSS keeps the half of each pool with the largest loss - ref_loss; excess IR-DRO is softmax((l - l_ref) / 1).
+    Both read the reference of their own seed; the other methods read none."""
+    out, res = quick
+    k = res["args"]["batch_size"] // 2
+    for seed in res["runs"]:
+        for name, d in res["run_dirs"].items():
+            seg = json.loads((out / f"seed{seed}" / d / "args.json").read_text())["segments"][0]["args"]
+            against = seg["method"] in ("rholoss", "excess_irdro")
+            assert seg["ref_model"] == (str(out / f"seed{seed}" / "reference") if against else None)
+            for rec in records(out / f"seed{seed}" / d / "weights.jsonl"):
+                assert ("ref_loss" in rec) == against
+                if not against:
+                    continue
+                excess, w = np.subtract(rec["loss"], rec["ref_loss"]), np.array(rec["weight"])
+                if seg["method"] == "rholoss":
+                    assert sorted(w) == pytest.approx([0.0] * (len(w) - k) + [1 / k] * k)
+                    assert excess[w > 0].min() >= excess[w == 0].max()
+                else:
+                    assert w == pytest.approx(np.exp(excess) / np.exp(excess).sum(), rel=1e-4)
+
+
 def test_noise_documents_are_shuffled_real_documents(quick):
     out, _ = quick
     docs = [json.loads(line) for line in (out / "data" / "mix.jsonl").read_text().splitlines()]
@@ -176,19 +231,20 @@ def test_corrupted_moves_that_fraction_of_the_words(fraction):
     assert round(0.7 * fraction * 41) <= moved <= round(fraction * 41)
 
 
-def test_base_row_is_the_base_checkpoint_evaluated_directly(quick):
+@pytest.mark.parametrize("run", ["base", "reference"])
+def test_base_and_reference_losses_are_their_checkpoints_evaluated_directly(quick, run):
     out, res = quick
     args = res["args"]
-    for seed in res["base"]:
-        ckpt = torch.load(out / f"seed{seed}" / "base" / "ckpt.pt", weights_only=False)
-        assert ckpt["step"] == args["base_iters"]
+    for seed in res[run]:
+        ckpt = torch.load(out / f"seed{seed}" / run / "ckpt.pt", weights_only=False)
+        assert ckpt["step"] == args["base_iters" if run == "base" else "iters"]
         model = GPT(GPTConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
         for name in ("clean", "hard"):
             val = train.load_split(out / "data" / name, "val", args["block_size"])
             samples = np.sort(np.random.default_rng(0).permutation(len(val["start"]))[:args["eval_samples"]])
             loss = train.evaluate(model, val, samples, 8, args["block_size"], torch.device("cpu"), nullcontext())
-            assert res["base"][seed][f"val_{name}"] == pytest.approx(loss, rel=1e-5)
+            assert res[run][seed][f"val_{name}"] == pytest.approx(loss, rel=1e-5)
 
 
 def test_table_numbers_are_the_mean_and_std_of_the_seeds(quick):
@@ -224,8 +280,15 @@ def test_mix_asking_for_more_clean_scenes_than_there_are_is_one_line_and_exit_co
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def test_mix_leaving_no_clean_scene_for_the_reference_is_one_line_and_exit_code_2(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "study.py"), "--quick", "--mix", "0.532", "0.2", "0", "0",
+                        "--out_dir", str(tmp_path)], capture_output=True, text=True)  # 133 clean scenes of 133
+    assert p.returncode == 2 and "--mix leaves 0 of the 133 clean training scenes" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
 def test_mix_of_four_shares_sets_the_group_sizes(tmp_path):
     """--mix CLEAN HARD NOISE CORRUPT: each group's count of documents is hard's times its share / hard's."""
-    clean, hard, mixed = study.prepare(tmp_path, [0.6, 0.3, 0.0, 0.3], 0.5)
+    clean, hard, mixed, _ = study.prepare(tmp_path, [0.6, 0.3, 0.0, 0.3], 0.5)
     groups = Counter(json.loads((mixed / "groups.json").read_text()))
     assert groups["noise"] == 0 and groups["corrupt"] == groups["hard"] == 50 and groups["clean"] == 100
