@@ -122,12 +122,13 @@ def forward_backward(model, batches, method, hparams, ctx, scale=lambda loss: lo
     Under torchrun, `batches` are this rank's share (rank r holds samples r*n_r .. (r+1)*n_r - 1 of the step); DDP
     and FSDP average the ranks' gradients, so each rank's loss is multiplied by the world size to turn that mean
     into the sum. `scale` is the float16 loss scaler's (gradients are linear in it). A method that takes `ref_losses`
-    (reference.py) finds this rank's in hparams, in the samples' order: a micro-batch is scored with its own."""
+    (reference.py) finds the whole batch's in hparams, aligned with the losses: a micro-batch is scored with its own."""
     backward = lambda weighted_loss: scale(weighted_loss * world()[1]).backward()  # noqa: E731
     fn, hp = reweight.method(method, **hparams)
-    ref = hp.pop("ref_losses", None)  # None: the method takes no reference
-    refs = [None] * len(batches) if ref is None else ref.split([len(x) for x, _ in batches])
-    ref_all = None if ref is None else all_cat(ref)  # the whole batch's, aligned with its losses
+    ref_all = hp.pop("ref_losses", None)  # None: the method takes no reference
+    sizes = [len(x) for x, _ in batches]
+    first = world()[0] * sum(sizes)  # where this rank's samples start in the batch
+    refs = [None] * len(batches) if ref_all is None else ref_all[first:first + sum(sizes)].split(sizes)
     with_ref = lambda r: {} if r is None else dict(ref_losses=r)  # noqa: E731
     if hasattr(fn, "score"):  # softmax(score) was held to the method itself at set-up (cli.check_method)
         score = lambda losses, r: fn.score(losses, **hp, **with_ref(r))  # noqa: E731
@@ -369,12 +370,11 @@ def train(args, run, train_data, val_data, log, ref_model=None):
         runtime.set_lr(optimizer, lr)
         samples, batches = upcoming or step_batches(train_data, args, step, device)  # this rank's share of samples
         method = args.method if step >= args.reweight_warmup else "erm"  # --reweight_warmup: uniform weights first
-        # the reference's losses of this rank's samples, in the steps whose method takes them (not in the warm-up)
-        ref = reference.losses(ref_model, batches, run.ctx) if ref_model and reference.takes(method) else None
+        # the reference's losses of the whole batch (all ranks), in the steps whose method takes them (not in warm-up)
+        ref = all_cat(reference.losses(ref_model, batches, run.ctx)) if ref_model and reference.takes(method) else None
         losses, w = forward_backward(model, batches, method, dict(hparams, ref_losses=ref), run.ctx, scaler.scale)
         upcoming = step_batches(train_data, args, step + 1, device)  # made (and copied) while the device computes
-        ref_all = [] if ref is None else [all_cat(ref)]  # logged: the whole batch's, as the losses are
-        host = torch.cat([losses, w, *ref_all, stop.flag(losses)]).cpu()  # the one device sync of the step
+        host = torch.cat([losses, w, *([] if ref is None else [ref]), stop.flag(losses)]).cpu()  # the step's one sync
         losses, w, ref, stop.signum = host[:n], host[n:2 * n], host[2 * n:-1], int(host[-1])  # ref: none, or n
         docs = train_data["doc"][samples]
         skipped = runtime.step_or_skip(optimizer, scaler, model, args, losses, docs, step, log, skipped)  # non-finite
